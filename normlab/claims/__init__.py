@@ -1,0 +1,35 @@
+"""One module per claim about BatchNorm, each with a fixed decision rule."""
+
+from __future__ import annotations
+
+from .base import Claim, StudyContext, Verdict
+from .faster_convergence import FasterConvergence
+from .higher_lr import HigherLearningRate
+from .stats import INCONCLUSIVE, NOT_SUPPORTED, SUPPORTED
+
+CLAIMS: dict[str, type[Claim]] = {
+    cls.id: cls for cls in (HigherLearningRate, FasterConvergence)
+}
+
+
+def get_claim(claim_id: str) -> Claim:
+    """Return the claim registered as ``claim_id``, or raise ``ValueError`` listing the ids."""
+    key = claim_id.strip().lower()
+    if key not in CLAIMS:
+        raise ValueError(
+            f"unknown claim {claim_id!r}; valid ids are: {', '.join(CLAIMS)} "
+            "(run `normlab claims` to list them)"
+        )
+    return CLAIMS[key]()
+
+
+__all__ = [
+    "CLAIMS",
+    "Claim",
+    "INCONCLUSIVE",
+    "NOT_SUPPORTED",
+    "SUPPORTED",
+    "StudyContext",
+    "Verdict",
+    "get_claim",
+]

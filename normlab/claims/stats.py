@@ -1,0 +1,44 @@
+"""Effect sizes with intervals across seeds, and the three-way verdict."""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+from scipy import stats
+
+SUPPORTED = "SUPPORTED"
+NOT_SUPPORTED = "NOT SUPPORTED"
+INCONCLUSIVE = "INCONCLUSIVE"
+
+
+def t_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float, float]:
+    """Return ``(mean, low, high)``: the mean and its Student-t confidence interval.
+
+    With one value, or values that are all equal, the interval has zero width: the seeds
+    agree, and the grid's resolution is the only uncertainty left, which the claims state.
+    """
+    values = [float(v) for v in values]
+    if not values:
+        raise ValueError("t_interval needs at least one value")
+    n = len(values)
+    mean = sum(values) / n
+    if n == 1:
+        return mean, mean, mean
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    half = stats.t.ppf(0.5 + confidence / 2, n - 1) * sd / math.sqrt(n)
+    return mean, mean - half, mean + half
+
+
+def decide(low: float, high: float, effect: float, margin: float) -> str:
+    """Apply the shared decision rule to an effect where larger values favour the claim.
+
+    SUPPORTED when the interval excludes zero and the effect reaches ``margin``; NOT
+    SUPPORTED when even the upper end of the interval stays below ``margin``; INCONCLUSIVE
+    otherwise.
+    """
+    if low > 0 and effect >= margin:
+        return SUPPORTED
+    if high < margin:
+        return NOT_SUPPORTED
+    return INCONCLUSIVE

@@ -1,0 +1,160 @@
+"""The ``normlab`` command line: ``normlab verify`` and ``normlab claims``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from . import __version__
+
+logger = logging.getLogger("normlab")
+
+EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+
+
+def _claim_list(text: str) -> list[str]:
+    from .claims import get_claim
+
+    ids = [part.strip() for part in text.split(",") if part.strip()]
+    if not ids:
+        raise argparse.ArgumentTypeError("expected comma-separated claim ids, got nothing")
+    for claim_id in ids:
+        try:
+            get_claim(claim_id)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+    return ids
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .data import DATASETS
+
+    parser = argparse.ArgumentParser(
+        prog="normlab",
+        description="Test common claims about Batch Normalization with seeded runs.",
+    )
+    parser.add_argument("--version", action="version", version=f"normlab {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    verify = commands.add_parser(
+        "verify",
+        help="run the claims' experiments and write verdicts and a report",
+        description="Run each claim's grid of training runs (skipping runs already in the "
+        "run store of --out), decide its verdict and write verdicts.json, report.md, "
+        "report.html and PNG plots into --out.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    scale = verify.add_mutually_exclusive_group()
+    scale.add_argument("--quick", dest="scale", action="store_const", const="quick",
+                       help="short budgets: minutes on 2 CPU cores on digits (the default)")
+    scale.add_argument("--full", dest="scale", action="store_const", const="full",
+                       help="longer budgets and wider grids, for a GPU or a long CPU run")
+    verify.set_defaults(scale="quick")
+    verify.add_argument("--claims", type=_claim_list, default=None, metavar="ID,...",
+                        help="comma-separated claim ids to run (default: all; see "
+                        "`normlab claims`)")
+    verify.add_argument("--dataset", choices=DATASETS, default="digits",
+                        help="data set; digits is bundled with scikit-learn and needs no "
+                        "download")
+    verify.add_argument("--data-dir", default=None, metavar="DIR",
+                        help="folder with the MNIST or CIFAR-10 files (standard files or "
+                        "npz arrays)")
+    verify.add_argument("--download", action="store_true",
+                        help="download missing MNIST/CIFAR-10 files into --data-dir and "
+                        "check their checksums")
+    verify.add_argument("--out", default="normlab-out", metavar="DIR",
+                        help="output folder for the run store, verdicts, report and plots")
+    verify.add_argument("--seeds", type=_positive_int, default=None, metavar="N",
+                        help="seeds per condition (default: 5)")
+    verify.add_argument("--device", default="cpu", metavar="{cpu,cuda}",
+                        help="device to train on")
+    _add_output_flags(verify)
+
+    claims = commands.add_parser("claims", help="list the claim ids and what each states")
+    _add_output_flags(claims)
+    return parser
+
+
+def _add_output_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-progress", dest="progress", action="store_false",
+                        help="hide progress bars")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+
+
+def _configure_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+def _cmd_claims(args) -> int:
+    from .claims import CLAIMS
+
+    width = max(len(claim_id) for claim_id in CLAIMS)
+    for claim_id, cls in CLAIMS.items():
+        print(f"{claim_id.ljust(width)}  {cls.statement}")
+    return 0
+
+
+def _cmd_verify(args) -> int:
+    from .data import DataError
+    from .report import verdict_table
+    from .store import StoreError
+    from .verify import VerifyOptions, verify
+
+    options = VerifyOptions(
+        claims=args.claims,
+        dataset=args.dataset,
+        data_dir=args.data_dir,
+        download=args.download,
+        out=args.out,
+        scale=args.scale,
+        seeds=args.seeds,
+        device=args.device,
+        progress=args.progress,
+    )
+    try:
+        verdicts = verify(options)
+    except (DataError, StoreError, ValueError) as error:
+        print(f"normlab: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except RuntimeError as error:
+        print(f"normlab: error: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print(
+            f"\nnormlab: interrupted. Finished runs are kept in {Path(args.out) / 'normlab.db'};"
+            " run the same command again to resume.",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
+    print()
+    print(verdict_table(verdicts))
+    print(f"\nreport: {Path(args.out) / 'report.html'}")
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    _configure_logging(args.verbose)
+    handlers = {"verify": _cmd_verify, "claims": _cmd_claims}
+    return handlers[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""A registry of normalization layers, so that any model can swap its normalization.
+
+Every builder takes the channel count first, as PyTorch's normalization layers do, plus
+``dims``: 1 for ``(N, C)`` or ``(N, C, L)`` features, 2 for images, 3 for volumes.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Union
+
+from torch import nn
+
+from . import batchnorm
+
+NormBuilder = Callable[..., nn.Module]
+NormSpec = Union[str, Callable[[int], nn.Module]]
+
+NORMS: dict[str, NormBuilder] = {}
+
+
+def register_norm(name: str) -> Callable[[NormBuilder], NormBuilder]:
+    """Register ``builder(num_features, dims, **kwargs)`` under ``name``."""
+
+    def decorator(builder: NormBuilder) -> NormBuilder:
+        key = _canonical(name)
+        if key in NORMS:
+            raise ValueError(f"a normalization named {key!r} is already registered")
+        NORMS[key] = builder
+        return builder
+
+    return decorator
+
+
+def _canonical(name: str) -> str:
+    return name.strip().lower().replace("_", "-")
+
+
+def resolve_norm_name(name: str) -> str:
+    """Return the registered spelling of ``name``, or raise ``ValueError`` listing the names."""
+    if not isinstance(name, str):
+        raise TypeError(f"norm name must be a string, got {type(name).__name__}")
+    key = _canonical(name)
+    if key not in NORMS:
+        valid = ", ".join(sorted(NORMS))
+        raise ValueError(f"unknown normalization {name!r}; valid names are: {valid}")
+    return key
+
+
+def create_norm(norm: NormSpec, num_features: int, dims: int = 2, **kwargs) -> nn.Module:
+    """Build a normalization layer for ``num_features`` channels.
+
+    Args:
+        norm (str or callable): a registered name (see ``NORMS``) or a callable such as a
+            class or ``functools.partial`` that is called as ``norm(num_features, **kwargs)``.
+        num_features (int): number of channels ``C`` of the input ``(N, C, ...)``.
+        dims (int): spatial rank of the features: 1 for ``(N, C)`` or ``(N, C, L)``, 2 for
+            ``(N, C, H, W)``, 3 for ``(N, C, D, H, W)``. Default: 2.
+        **kwargs: passed to the layer, for example ``eps`` or ``momentum``.
+    """
+    if dims not in (1, 2, 3):
+        raise ValueError(f"dims must be 1, 2 or 3, got {dims}")
+    if callable(norm) and not isinstance(norm, str):
+        return norm(num_features, **kwargs)
+    return NORMS[resolve_norm_name(norm)](num_features, dims, **kwargs)
+
+
+def is_identity(norm: NormSpec) -> bool:
+    """Return True when ``norm`` names the no-op normalization."""
+    return isinstance(norm, str) and resolve_norm_name(norm) == "none"
+
+
+_OURS = {1: batchnorm.BatchNorm1d, 2: batchnorm.BatchNorm2d, 3: batchnorm.BatchNorm3d}
+_TORCH = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+
+
+@register_norm("batchnorm")
+def _batchnorm(num_features: int, dims: int, **kwargs) -> nn.Module:
+    return _OURS[dims](num_features, **kwargs)
+
+
+@register_norm("torch-batchnorm")
+def _torch_batchnorm(num_features: int, dims: int, **kwargs) -> nn.Module:
+    return _TORCH[dims](num_features, **kwargs)
+
+
+@register_norm("none")
+def _none(num_features: int, dims: int, **kwargs) -> nn.Module:
+    return nn.Identity()

@@ -1,0 +1,212 @@
+"""The classification training loop: seeded, stopped early when the loss diverges."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..models import CNN, MLP
+from .config import TrainConfig
+
+logger = logging.getLogger(__name__)
+
+FINISHED = "finished"
+DIVERGED = "diverged"
+
+EVAL_CHUNK = 2048
+
+
+@dataclass
+class RunResult:
+    """What one training run produced.
+
+    Attributes:
+        status: ``"finished"`` or ``"diverged"``.
+        steps: optimizer steps taken.
+        diverged_step: the step whose loss was NaN/Inf or above ``diverge_loss``, else None.
+        final: final metrics, ``train_loss``, ``train_acc``, ``val_loss``, ``val_acc``,
+            ``test_loss``, ``test_acc`` (NaN for a diverged run) and ``best_val_acc``.
+        history: one row per evaluation: ``step``, ``epoch``, ``train_loss`` (mean over the
+            steps since the previous row), ``val_loss``, ``val_acc``.
+        step_loss: the training loss of every step.
+        wall_time: seconds spent in training and evaluation.
+    """
+
+    status: str
+    steps: int
+    diverged_step: Optional[int]
+    final: dict
+    history: list[dict] = field(default_factory=list)
+    step_loss: list[float] = field(default_factory=list)
+    wall_time: float = 0.0
+
+
+def build_model(config: TrainConfig, data) -> nn.Module:
+    """Build the model that ``config`` names, sized for ``data``."""
+    if config.model == "mlp":
+        return MLP(
+            data.in_features,
+            config.hidden,
+            data.num_classes,
+            norm=config.norm,
+            activation=config.activation,
+        )
+    return CNN(
+        data.in_channels, data.num_classes, data.image_size, norm=config.norm
+    )
+
+
+def build_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(
+            model.parameters(),
+            lr=config.lr,
+            momentum=config.momentum,
+            weight_decay=config.weight_decay,
+        )
+    return torch.optim.Adam(
+        model.parameters(), lr=config.lr, weight_decay=config.weight_decay
+    )
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    """Return (mean cross-entropy, accuracy) of ``model`` in eval mode on ``(x, y)``."""
+    was_training = model.training
+    model.eval()
+    loss_sum, correct = 0.0, 0
+    for start in range(0, len(x), EVAL_CHUNK):
+        logits = model(x[start : start + EVAL_CHUNK])
+        target = y[start : start + EVAL_CHUNK]
+        loss_sum += F.cross_entropy(logits, target, reduction="sum").item()
+        correct += (logits.argmax(1) == target).sum().item()
+    model.train(was_training)
+    return loss_sum / len(x), correct / len(x)
+
+
+def train_classifier(
+    config: TrainConfig,
+    data,
+    on_step: Optional[Callable[[int, int], None]] = None,
+) -> RunResult:
+    """Train the classifier that ``config`` describes on ``data`` and return its metrics.
+
+    The run draws every random number (initialization, data order, dropout) from generators
+    seeded by ``config.seed``, inside :func:`torch.random.fork_rng`, so the caller's global
+    random state is left as it was and the same config gives the same numbers.
+
+    Args:
+        config: the run's settings.
+        data: a ``normlab.data.ClassificationData``.
+        on_step: called as ``on_step(step, total_steps)`` after every step, for progress.
+    """
+    if config.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(
+            f"device {config.device!r} requested but CUDA is not available; use --device cpu"
+        )
+    device = torch.device(config.device)
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(config.seed)
+        return _train(config, data, device, on_step)
+
+
+def _train(config, data, device, on_step) -> RunResult:
+    started = time.perf_counter()
+    model = build_model(config, data).to(device)
+    optimizer = build_optimizer(config, model)
+    order_generator = torch.Generator().manual_seed(config.seed)
+
+    train_x, train_y = data.train.x.to(device), data.train.y.to(device)
+    val_x, val_y = data.val.x.to(device), data.val.y.to(device)
+    num_train = len(train_x)
+    # a last batch of one sample has no batch statistics, so it is dropped
+    steps_per_epoch = num_train // config.batch_size + (num_train % config.batch_size > 1)
+    total_steps = steps_per_epoch * config.epochs
+
+    history: list[dict] = []
+    step_loss: list[float] = []
+    best_val_acc = 0.0
+    step, diverged_step = 0, None
+    model.train()
+    for epoch in range(config.epochs):
+        permutation = torch.randperm(num_train, generator=order_generator).to(device)
+        for start in range(0, num_train, config.batch_size):
+            index = permutation[start : start + config.batch_size]
+            if len(index) < 2:
+                continue
+
+            # forward and backward
+            loss = F.cross_entropy(model(train_x[index]), train_y[index])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+
+            # divergence check: NaN, Inf or an exploding loss ends the run
+            loss_value = loss.item()
+            step_loss.append(loss_value)
+            if not math.isfinite(loss_value) or loss_value > config.diverge_loss:
+                diverged_step = step
+                break
+            if on_step is not None:
+                on_step(step, total_steps)
+
+            # periodic evaluation on the validation split
+            if step % config.eval_every == 0 or step == total_steps:
+                row = _evaluation_row(model, step, epoch, step_loss, history, val_x, val_y)
+                history.append(row)
+                if not math.isfinite(row["val_loss"]):
+                    diverged_step = step
+                    break
+                best_val_acc = max(best_val_acc, row["val_acc"])
+        if diverged_step is not None:
+            break
+
+    final = _final_metrics(model, data, device, diverged_step is not None)
+    final["best_val_acc"] = best_val_acc
+    status = DIVERGED if diverged_step is not None else FINISHED
+    if diverged_step is not None:
+        logger.debug("run %s diverged at step %d (lr=%g)", config.key(), step, config.lr)
+    return RunResult(
+        status=status,
+        steps=step,
+        diverged_step=diverged_step,
+        final=final,
+        history=history,
+        step_loss=step_loss,
+        wall_time=time.perf_counter() - started,
+    )
+
+
+def _evaluation_row(model, step, epoch, step_loss, history, val_x, val_y) -> dict:
+    since = history[-1]["step"] if history else 0
+    recent = step_loss[since:step]
+    val_loss, val_acc = evaluate(model, val_x, val_y)
+    return {
+        "step": step,
+        "epoch": epoch + 1,
+        "train_loss": sum(recent) / len(recent),
+        "val_loss": val_loss,
+        "val_acc": val_acc,
+    }
+
+
+def _final_metrics(model, data, device, diverged: bool) -> dict:
+    final = {}
+    for split in ("train", "val", "test"):
+        if diverged:
+            loss, acc = math.nan, math.nan
+        else:
+            part = getattr(data, split)
+            loss, acc = evaluate(model, part.x.to(device), part.y.to(device))
+        final[f"{split}_loss"] = loss
+        final[f"{split}_acc"] = acc
+    return final
