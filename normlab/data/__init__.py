@@ -8,4 +8,10 @@ from normlab.data.classification import (
     load_classification,
 )
 
-__all__ = ["DATASETS", "ClassificationData", "DataError", "Split", "load_classification"]
+__all__ = [
+    "DATASETS",
+    "ClassificationData",
+    "DataError",
+    "Split",
+    "load_classification",
+]

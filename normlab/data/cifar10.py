@@ -18,14 +18,19 @@ from typing import BinaryIO
 
 import numpy as np
 
-from normlab.data.classification import ClassificationData, DataError
-from normlab.data.classification import read_npz, split_and_build, validate_arrays
+from normlab.data.classification import (
+    ClassificationData,
+    DataError,
+    read_npz,
+    split_and_build,
+    validate_arrays,
+)
 from normlab.data.download import download_file, verify_manifest, verify_md5
 
 try:
-    from numpy._core.multiarray import _reconstruct
+    from numpy._core.multiarray import _reconstruct, scalar
 except ImportError:  # NumPy < 2 has no numpy._core
-    from numpy.core.multiarray import _reconstruct
+    from numpy.core.multiarray import _reconstruct, scalar
 
 logger = logging.getLogger(__name__)
 
@@ -56,11 +61,14 @@ NUM_TEST_STANDARD = 10000
 VAL_FRACTION = 0.1
 
 # Globals that a batch pickle may reference: a numpy array is pickled as
-# _reconstruct(ndarray, ...) plus a dtype, and Python 3 pickles bytes via
-# _codecs.encode. The module name depends on the NumPy version that wrote the file.
+# _reconstruct(ndarray, ...) plus a dtype, a numpy integer as scalar(dtype, bytes), and
+# Python 3 pickles bytes via _codecs.encode. The module name depends on the NumPy
+# version that wrote the file.
 _PICKLE_GLOBALS = {
     ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
     ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
+    ("numpy.core.multiarray", "scalar"): scalar,
+    ("numpy._core.multiarray", "scalar"): scalar,
     ("numpy", "ndarray"): np.ndarray,
     ("numpy", "dtype"): np.dtype,
     ("_codecs", "encode"): codecs.encode,
@@ -109,7 +117,9 @@ def load_cifar10(data_dir: Path, download: bool = False) -> ClassificationData:
             return _load_from_npz(folder, *npz_paths)
 
     if download:
-        download_file(ARCHIVE_NAME, CIFAR10_MIRRORS, data_dir, CIFAR10_MD5[ARCHIVE_NAME])
+        download_file(
+            ARCHIVE_NAME, CIFAR10_MIRRORS, data_dir, CIFAR10_MD5[ARCHIVE_NAME]
+        )
         return _load_from_archive(data_dir)
 
     searched = ", ".join(str(folder) for folder in candidate_folders(data_dir))
@@ -153,11 +163,18 @@ def read_batch(stream: BinaryIO, origin: str) -> tuple[np.ndarray, np.ndarray]:
     try:
         # encoding="bytes" keeps the byte-string keys of the Python 2 pickles readable.
         batch = _BatchUnpickler(stream, encoding="bytes").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError,
-            IndexError, OSError) as error:
+    except (
+        pickle.UnpicklingError,
+        EOFError,
+        ValueError,
+        TypeError,
+        AttributeError,
+        IndexError,
+        OSError,
+    ) as error:
         raise DataError(f"cannot read the batch {origin}: {error}; {fix}") from error
-    # The Python 2 distribution files have byte-string keys; a batch re-pickled under
-    # Python 3 has str keys.
+    # The Python 2 distribution files have byte-string keys, but a batch re-pickled
+    # under Python 3 has str keys.
     entries = {}
     if isinstance(batch, dict):
         for key in ("data", "labels"):
@@ -176,7 +193,9 @@ def read_batch(stream: BinaryIO, origin: str) -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
-def _concatenate(batches: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, ...]:
+def _concatenate(
+    batches: list[tuple[np.ndarray, np.ndarray]],
+) -> tuple[np.ndarray, ...]:
     images = np.concatenate([images for images, _ in batches])
     labels = np.concatenate([labels for _, labels in batches])
     return images, labels
@@ -232,7 +251,9 @@ def _load_from_archive(folder: Path) -> ClassificationData:
     )
 
 
-def _load_from_npz(folder: Path, train_path: Path, test_path: Path) -> ClassificationData:
+def _load_from_npz(
+    folder: Path, train_path: Path, test_path: Path
+) -> ClassificationData:
     verify_manifest(folder)
     arrays = []
     for path in (train_path, test_path):
@@ -255,8 +276,8 @@ def _build(
     num_train, num_test = train[0].shape[0], test[0].shape[0]
     if num_train < NUM_TRAIN_STANDARD or num_test < NUM_TEST_STANDARD:
         source += (
-            f"; subset: {num_train} of the {NUM_TRAIN_STANDARD} CIFAR-10 training images "
-            f"and {num_test} of the {NUM_TEST_STANDARD} test images"
+            f"; subset: {num_train} of the {NUM_TRAIN_STANDARD} CIFAR-10 training "
+            f"images and {num_test} of the {NUM_TEST_STANDARD} test images"
         )
     return split_and_build(
         "cifar10",

@@ -6,11 +6,15 @@ import numpy as np
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-from normlab.data.classification import SPLIT_SEED, ClassificationData
-from normlab.data.classification import build_classification_data
+from normlab.data.classification import (
+    SPLIT_SEED,
+    ClassificationData,
+    build_classification_data,
+)
 
 NUM_CLASSES = 10
-# Pixels are integer ink counts from 0 to 16.
+# Pixels are integers from 0 to 16: counts of set pixels in 4x4 blocks of the
+# original 32x32 bitmaps.
 MAX_PIXEL = 16
 TEST_FRACTION = 0.2
 # Fraction of the remaining 80% held out for validation: 0.25 * 0.8 = 20% of all images.
@@ -20,8 +24,8 @@ VAL_FRACTION_OF_REST = 0.25
 def load_digits_data() -> ClassificationData:
     """Load the 1,797 digits with a stratified 60/20/20 train/val/test split.
 
-    The split uses ``SPLIT_SEED``, so it is the same on every call. With scikit-learn's
-    rounding (test and val sizes round up) it has 1077 train, 360 val and 360 test images.
+    The split uses ``SPLIT_SEED``, so it is the same on every call. scikit-learn rounds
+    the test and val sizes up, which gives 1077 train, 360 val and 360 test images.
     """
     bunch = load_digits()
     images = bunch.images.astype(np.uint8)[:, None]  # (N, 1, 8, 8)

@@ -76,14 +76,16 @@ def verify_manifest(folder: Path) -> None:
     for name, expected in read_manifest(folder).items():
         path = folder / name
         if not path.is_file():
-            logger.info("%s lists %s, which is missing; not checked", MANIFEST_NAME, path)
+            logger.info(
+                "%s lists %s, which is missing; not checked", MANIFEST_NAME, path
+            )
             continue
         actual = file_digest(path, "sha256")
         if actual != expected:
             raise DataError(
-                f"checksum mismatch for {path}: {folder / MANIFEST_NAME} expects sha256 "
-                f"{expected}, got {actual}; the file is corrupt or was changed, so "
-                f"replace it with an intact copy"
+                f"checksum mismatch for {path}: {folder / MANIFEST_NAME} expects "
+                f"sha256 {expected}, got {actual}; the file is corrupt or was changed, "
+                f"so replace it with an intact copy"
             )
 
 
@@ -93,9 +95,9 @@ def download_file(
     """Download ``filename`` from the first mirror that serves it with the right md5.
 
     Each mirror is a base URL that ``filename`` is appended to. The file is written to
-    ``folder/filename.part`` and renamed only after its md5 matches, so ``folder`` never
-    holds a partial or corrupt file under the final name. A mirror that fails or serves
-    a file with another md5 is logged and the next one is tried.
+    ``folder/filename.part`` and renamed only after its md5 matches, so ``folder``
+    never contains a partial or corrupt file under the final name. A mirror that fails
+    or serves a file with another md5 is logged and the next one is tried.
 
     Raises:
         DataError: when no mirror served the file with the expected md5. The message
@@ -122,7 +124,9 @@ def download_file(
             logger.warning(
                 "deleted %s from %s: md5 %s, expected %s", filename, url, actual, md5
             )
-            failures.append(f"{url}: checksum mismatch, expected md5 {md5}, got {actual}")
+            failures.append(
+                f"{url}: checksum mismatch, expected md5 {md5}, got {actual}"
+            )
             continue
         partial.replace(target)
         return target

@@ -15,8 +15,13 @@ from pathlib import Path
 
 import numpy as np
 
-from normlab.data.classification import ClassificationData, DataError
-from normlab.data.classification import read_npz, split_and_build, validate_arrays
+from normlab.data.classification import (
+    ClassificationData,
+    DataError,
+    read_npz,
+    split_and_build,
+    validate_arrays,
+)
 from normlab.data.download import download_file, verify_manifest, verify_md5
 
 logger = logging.getLogger(__name__)
@@ -85,7 +90,7 @@ def load_mnist(data_dir: Path, download: bool = False) -> ClassificationData:
 
 
 def find_idx_files(folder: Path) -> dict[str, Path] | None:
-    """Return {stem: path} for the four idx files in ``folder``, or None if any is missing."""
+    """Return {stem: path} of the four idx files, or None if one is not in folder."""
     paths = {stem: _find_idx_file(folder, stem) for stem in MNIST_MD5}
     if any(path is None for path in paths.values()):
         return None
@@ -109,7 +114,7 @@ def read_idx(path: Path, ndim: int) -> np.ndarray:
     Raises:
         DataError: for a wrong magic number or a truncated or corrupt file.
     """
-    fix = "delete it and download it again (download=True) or replace it with the original"
+    fix = "delete it and download it again (download=True) or copy in the original"
     try:
         if path.suffix == ".gz":
             with gzip.open(path, "rb") as stream:
@@ -117,7 +122,9 @@ def read_idx(path: Path, ndim: int) -> np.ndarray:
         else:
             raw = path.read_bytes()
     except (OSError, EOFError, zlib.error) as error:
-        raise DataError(f"cannot read {path}: {error}; the file is corrupt, so {fix}") from error
+        raise DataError(
+            f"cannot read {path}: {error}; the file is corrupt, so {fix}"
+        ) from error
 
     expected_magic = (_IDX_UBYTE << 8) | ndim
     magic = struct.unpack(">I", raw[:4])[0] if len(raw) >= 4 else None

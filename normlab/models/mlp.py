@@ -71,6 +71,6 @@ class MLP(nn.Module):
         if x[0].numel() != self.in_features:
             raise ValueError(
                 f"MLP expects {self.in_features} values per sample, got input of shape "
-                f"{tuple(x.shape)}; set in_features to match the data"
+                f"{tuple(x.shape)} with {x[0].numel()}; set in_features to match the data"
             )
         return self.layers(x)

