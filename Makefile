@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# benchmark data for the tests that read real files; those tests skip without it
+NORMLAB_DATA_DIR ?= $(wildcard $(abspath ../shared/data))
+export NORMLAB_DATA_DIR
 
 .PHONY: install test verify clean
 

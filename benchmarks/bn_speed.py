@@ -1,9 +1,9 @@
 """Time torch.nn.BatchNorm* against normlab.nn.BatchNorm* on the CPU.
 
 For each shape and memory format this prints the median time of a train-mode forward,
-a train-mode forward plus backward and an eval-mode forward, for torch and for normlab,
-and the ratio torch / normlab (below 1 means normlab is slower). Both run in the same
-process with the same thread count.
+a train-mode forward plus backward and an eval-mode forward, for torch and for normlab.
+The last column is the ratio torch / normlab, so a value below 1 means normlab is
+slower. Both run in the same process with the same thread count.
 
 Usage::
 
@@ -18,7 +18,6 @@ import torch
 from torch.utils import benchmark
 
 from normlab.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
-
 
 DEFAULT_SHAPES = ["128x64x32x32", "64x64x40x40", "16x64x48x48", "256x512"]
 QUICK_SHAPES = ["16x64x48x48", "256x512"]
@@ -101,7 +100,10 @@ def main() -> None:
         help="seconds of timing per measurement (default: 1.0, or 0.3 with --quick)",
     )
     parser.add_argument(
-        "--threads", type=int, default=None, help="torch intra-op threads (default: torch's)"
+        "--threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads (default: torch's)",
     )
     args = parser.parse_args()
 
@@ -110,11 +112,16 @@ def main() -> None:
     if args.shapes:
         shapes = args.shapes
     else:
-        shapes = [parse_shape(s) for s in (QUICK_SHAPES if args.quick else DEFAULT_SHAPES)]
+        shapes = [
+            parse_shape(s) for s in (QUICK_SHAPES if args.quick else DEFAULT_SHAPES)
+        ]
     min_run_time = args.min_run_time or (0.3 if args.quick else 1.0)
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, times in ms")
-    header = f"{'shape':<18} {'format':<14} {'mode':<14} {'torch':>9} {'normlab':>9} {'ratio':>6}"
+    header = (
+        f"{'shape':<18} {'format':<18} {'mode':<14} "
+        f"{'torch':>9} {'normlab':>9} {'ratio':>6}"
+    )
     print(header)
     print("-" * len(header))
     for shape in shapes:
@@ -124,9 +131,11 @@ def main() -> None:
         for memory_format in formats:
             name = "x".join(str(size) for size in shape)
             format_name = str(memory_format).replace("torch.", "")
-            for mode, torch_s, normlab_s in benchmark_case(shape, memory_format, min_run_time):
+            for mode, torch_s, normlab_s in benchmark_case(
+                shape, memory_format, min_run_time
+            ):
                 print(
-                    f"{name:<18} {format_name:<14} {mode:<14} {torch_s * 1e3:>9.3f} "
+                    f"{name:<18} {format_name:<18} {mode:<14} {torch_s * 1e3:>9.3f} "
                     f"{normlab_s * 1e3:>9.3f} {torch_s / normlab_s:>6.2f}"
                 )
 

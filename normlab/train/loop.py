@@ -137,14 +137,19 @@ def _train(config, data, device, on_step) -> RunResult:
     step, diverged_step = 0, None
     model.train()
     for epoch in range(config.epochs):
+        # one gather per epoch; the batches are then views of contiguous rows, which is
+        # several times faster than indexing every batch
         permutation = torch.randperm(num_train, generator=order_generator).to(device)
+        epoch_x = train_x.index_select(0, permutation)
+        epoch_y = train_y.index_select(0, permutation)
         for start in range(0, num_train, config.batch_size):
-            index = permutation[start : start + config.batch_size]
-            if len(index) < 2:
+            batch_x = epoch_x[start : start + config.batch_size]
+            batch_y = epoch_y[start : start + config.batch_size]
+            if len(batch_x) < 2:
                 continue
 
             # forward and backward
-            loss = F.cross_entropy(model(train_x[index]), train_y[index])
+            loss = F.cross_entropy(model(batch_x), batch_y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -1,4 +1,4 @@
-"""Tests for normlab.nn.batchnorm against torch.nn.BatchNorm* and hand-computed values."""
+"""Tests of normlab.nn.batchnorm against torch and against values worked by hand."""
 
 import dataclasses
 import math
@@ -18,7 +18,6 @@ from normlab.nn.batchnorm import (
     batch_norm,
 )
 
-
 TORCH_CLASSES = {
     BatchNorm1d: torch.nn.BatchNorm1d,
     BatchNorm2d: torch.nn.BatchNorm2d,
@@ -26,8 +25,10 @@ TORCH_CLASSES = {
 }
 CLASS_FOR_RANK = {2: BatchNorm1d, 3: BatchNorm1d, 4: BatchNorm2d, 5: BatchNorm3d}
 
-# Elementwise tolerances per dtype. The float16 and bfloat16 values are the defaults
-# of torch.testing.assert_close, which allow one unit in the last place.
+# Elementwise tolerances per dtype. The float16 and bfloat16 rtol values are the
+# defaults of torch.testing.assert_close, about one (float16) and two (bfloat16) units
+# in the last place. Their atol is about the dtype's spacing near 1, the scale of the
+# normalized outputs.
 TOLERANCES = {
     torch.float64: {"rtol": 1e-10, "atol": 1e-10},
     torch.float32: {"rtol": 1e-5, "atol": 1e-5},
@@ -74,7 +75,7 @@ def assert_channel_sum_close(actual, expected, terms, dtype):
 
 
 def make_pair(cls, num_features, param_dtype=None, seed=0, **kwargs):
-    """Build one of our modules and the torch module with the same random state."""
+    """Build a normlab module and the torch module with the same random state."""
     reference = TORCH_CLASSES[cls](num_features, dtype=param_dtype, **kwargs)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -138,9 +139,10 @@ def run_step(module, reference, x, grad_output):
             module.bias.grad, reference.bias.grad, grad_output.double(), param_dtype
         )
     if reference.running_mean is not None:
-        assert module.running_mean.dtype == reference.running_mean.dtype
-        assert_close(module.running_mean, reference.running_mean, param_dtype)
-        assert_close(module.running_var, reference.running_var, param_dtype)
+        stats_dtype = reference.running_mean.dtype
+        assert module.running_mean.dtype == stats_dtype
+        assert_close(module.running_mean, reference.running_mean, stats_dtype)
+        assert_close(module.running_var, reference.running_var, stats_dtype)
         assert module.num_batches_tracked.item() == reference.num_batches_tracked.item()
     return y_ours, x_ours.grad
 
@@ -173,9 +175,13 @@ CASES = [
     pytest.param(Case(BatchNorm2d, (2, 3, 1, 1)), id="2d-two-values-per-channel"),
     pytest.param(Case(BatchNorm2d, (4, 5, 6, 7), train_steps=0), id="2d-eval-first"),
     pytest.param(Case(BatchNorm1d, (8, 5), train_steps=0), id="1d-eval-first"),
-    pytest.param(Case(BatchNorm2d, (4, 5, 6, 7), {"momentum": None}), id="2d-momentum-none"),
+    pytest.param(
+        Case(BatchNorm2d, (4, 5, 6, 7), {"momentum": None}), id="2d-momentum-none"
+    ),
     pytest.param(Case(BatchNorm1d, (8, 5), {"momentum": None}), id="1d-momentum-none"),
-    pytest.param(Case(BatchNorm2d, (4, 5, 3, 3), {"momentum": 0.7}), id="2d-momentum-0.7"),
+    pytest.param(
+        Case(BatchNorm2d, (4, 5, 3, 3), {"momentum": 0.7}), id="2d-momentum-0.7"
+    ),
     pytest.param(
         Case(BatchNorm2d, (4, 5, 6, 7), {"track_running_stats": False}),
         id="2d-no-running-stats",
@@ -188,7 +194,9 @@ CASES = [
         Case(BatchNorm3d, (3, 4, 3, 4, 5), {"track_running_stats": False}),
         id="3d-no-running-stats",
     ),
-    pytest.param(Case(BatchNorm2d, (4, 5, 6, 7), {"affine": False}), id="2d-affine-false"),
+    pytest.param(
+        Case(BatchNorm2d, (4, 5, 6, 7), {"affine": False}), id="2d-affine-false"
+    ),
     pytest.param(
         Case(BatchNorm1d, (8, 5), {"affine": False, "track_running_stats": False}),
         id="1d-affine-false-no-running-stats",
@@ -197,13 +205,17 @@ CASES = [
     pytest.param(Case(BatchNorm2d, (4, 5, 6, 7), {"eps": 1e-3}), id="2d-eps-1e-3"),
     pytest.param(Case(BatchNorm2d, (4, 5, 6, 7), {"eps": 0.5}), id="2d-eps-0.5"),
     pytest.param(Case(BatchNorm1d, (8, 5), {"eps": 1e-8}), id="1d-eps-1e-8"),
-    pytest.param(Case(BatchNorm2d, (4, 5, 6, 7), memory_format=CL), id="2d-channels-last"),
+    pytest.param(
+        Case(BatchNorm2d, (4, 5, 6, 7), memory_format=CL), id="2d-channels-last"
+    ),
     pytest.param(
         Case(BatchNorm2d, (4, 5, 6, 7), memory_format=CL, train_steps=0),
         id="2d-channels-last-eval-first",
     ),
     pytest.param(
-        Case(BatchNorm2d, (4, 5, 6, 7), {"track_running_stats": False}, memory_format=CL),
+        Case(
+            BatchNorm2d, (4, 5, 6, 7), {"track_running_stats": False}, memory_format=CL
+        ),
         id="2d-channels-last-no-running-stats",
     ),
     pytest.param(
@@ -212,8 +224,12 @@ CASES = [
     pytest.param(
         Case(BatchNorm1d, (6, 5, 7), transpose_input=True), id="1d-NCL-non-contiguous"
     ),
-    pytest.param(Case(BatchNorm1d, (8, 5), dtype=F64, param_dtype=F64), id="1d-NC-float64"),
-    pytest.param(Case(BatchNorm2d, (4, 5, 6, 7), dtype=F64, param_dtype=F64), id="2d-float64"),
+    pytest.param(
+        Case(BatchNorm1d, (8, 5), dtype=F64, param_dtype=F64), id="1d-NC-float64"
+    ),
+    pytest.param(
+        Case(BatchNorm2d, (4, 5, 6, 7), dtype=F64, param_dtype=F64), id="2d-float64"
+    ),
     pytest.param(
         Case(BatchNorm3d, (3, 4, 3, 4, 5), dtype=F64, param_dtype=F64), id="3d-float64"
     ),
@@ -235,13 +251,16 @@ CASES = [
         Case(BatchNorm2d, (4, 5, 6, 7), dtype=F16), id="2d-float16-input-float32-params"
     ),
     pytest.param(
-        Case(BatchNorm2d, (4, 5, 6, 7), dtype=BF16), id="2d-bfloat16-input-float32-params"
+        Case(BatchNorm2d, (4, 5, 6, 7), dtype=BF16),
+        id="2d-bfloat16-input-float32-params",
     ),
     pytest.param(
         Case(BatchNorm2d, (4, 5, 6, 7), dtype=F16, memory_format=CL),
         id="2d-float16-input-channels-last",
     ),
-    pytest.param(Case(BatchNorm1d, (8, 5), dtype=F16, param_dtype=F16), id="1d-NC-float16"),
+    pytest.param(
+        Case(BatchNorm1d, (8, 5), dtype=F16, param_dtype=F16), id="1d-NC-float16"
+    ),
     pytest.param(
         Case(BatchNorm2d, (4, 5, 6, 7), {"affine": False}, dtype=F16, param_dtype=F16),
         id="2d-float16-affine-false",
@@ -302,7 +321,7 @@ def test_float16_statistics_accumulate_in_float32():
 
 
 def test_worked_example_by_hand():
-    # Channel 0 holds 1..4, 2..5, 3..6, 4..7 across the 4 samples: 16 values from 1
+    # Channel 0 contains 1..4, 2..5, 3..6, 4..7 across the 4 samples: 16 values from 1
     # to 7 with mean 4, biased variance 40 / 16 = 2.5 and unbiased 40 / 15 = 8 / 3.
     # Channel 1 doubles channel 0 (mean 8, variances 10 and 32 / 3). Channel 2 is 5.
     base = torch.arange(4.0).view(4, 1) + torch.arange(1.0, 5.0).view(1, 4)
@@ -345,21 +364,59 @@ def test_variance_stable_for_large_offset():
     assert (naive_var.double() - expected_var).abs().max() > 0.1
 
     module = BatchNorm2d(4, momentum=1.0)
-    y = module(x)
+    torch.testing.assert_close(
+        module(x).double(), normalized_reference(x, module.eps), rtol=0.0, atol=1e-5
+    )
     torch.testing.assert_close(
         module.running_var.double(), expected_var, rtol=1e-5, atol=0.0
     )
+
+
+def test_gradients_accurate_for_large_offset():
+    generator = torch.Generator().manual_seed(8)
+    x = torch.randn(64, 4, 8, 8, generator=generator) + 1e4
+    grad_output = torch.randn(64, 4, 8, 8, generator=generator)
+    x_ours = x.clone().requires_grad_()
+    module = BatchNorm2d(4)
+    module(x_ours).backward(grad_output)
+
+    # Float64 autograd through the definition is the reference.
+    x_reference = x.double().requires_grad_()
+    reference = normalized_reference(x_reference, module.eps)
+    reference.backward(grad_output.double())
+    expected_weight_grad = (grad_output.double() * reference.detach()).sum((0, 2, 3))
+
     torch.testing.assert_close(
-        y.double(), normalized_reference(x, module.eps), rtol=0.0, atol=2e-3
+        x_ours.grad.double(), x_reference.grad, rtol=0.0, atol=1e-5
     )
+    torch.testing.assert_close(
+        module.weight.grad.double(), expected_weight_grad, rtol=0.0, atol=1e-4
+    )
+
+
+def test_eval_large_running_mean_matches_torch():
+    # Both round shift = bias - mean * scale, so both lose about 4e-4 here, but they
+    # must lose it identically.
+    generator = torch.Generator().manual_seed(9)
+    x = torch.randn(64, 4, 8, 8, generator=generator) + 1e4
+    module, reference = make_pair(BatchNorm2d, 4)
+    for layer in (module, reference):
+        layer.eval()
+        with torch.no_grad():
+            layer.running_mean.fill_(1e4 + 0.3)
+            layer.running_var.fill_(0.8)
+    torch.testing.assert_close(module(x), reference(x), rtol=0.0, atol=1e-6)
 
 
 def test_momentum_none_is_cumulative_average():
     module = BatchNorm1d(2, momentum=None)
-    batches = [torch.tensor([[1.0, 0.0], [3.0, 4.0]]), torch.tensor([[5.0, 2.0], [7.0, 2.0]])]
+    batches = [
+        torch.tensor([[1.0, 0.0], [3.0, 4.0]]),
+        torch.tensor([[5.0, 2.0], [7.0, 2.0]]),
+    ]
     for batch in batches:
         module(batch)
-    # Batch means (2, 2) and (6, 2); unbiased variances (2, 8) and (2, 0).
+    # Batch means are (2, 2) and (6, 2). Unbiased variances are (2, 8) and (2, 0).
     assert module.running_mean.tolist() == pytest.approx([4.0, 2.0])
     assert module.running_var.tolist() == pytest.approx([2.0, 4.0])
     assert module.num_batches_tracked.item() == 2
@@ -371,9 +428,10 @@ def test_empty_batch_matches_torch():
     y = module(x)
     y_torch = reference(x.detach())
     y.sum().backward()
-    assert y.shape == y_torch.shape == (0, 3, 2, 2)
+    assert y.shape == y_torch.shape
     assert x.grad.shape == (0, 3, 2, 2)
-    assert module.num_batches_tracked.item() == reference.num_batches_tracked.item() == 1
+    assert module.num_batches_tracked.item() == 1
+    assert reference.num_batches_tracked.item() == 1
     assert module.running_mean.tolist() == [0.0, 0.0, 0.0]
     assert module.running_var.tolist() == [1.0, 1.0, 1.0]
     assert module.weight.grad.tolist() == [0.0, 0.0, 0.0]
@@ -415,7 +473,9 @@ def test_gradcheck(shape, training):
     generator = torch.Generator().manual_seed(4)
     channels = shape[1]
     x = torch.randn(shape, generator=generator, dtype=F64, requires_grad=True)
-    weight = (torch.rand(channels, generator=generator, dtype=F64) + 0.5).requires_grad_()
+    weight = (
+        torch.rand(channels, generator=generator, dtype=F64) + 0.5
+    ).requires_grad_()
     bias = torch.randn(channels, generator=generator, dtype=F64, requires_grad=True)
     running_mean = torch.randn(channels, generator=generator, dtype=F64)
     running_var = torch.rand(channels, generator=generator, dtype=F64) + 0.5
@@ -423,7 +483,14 @@ def test_gradcheck(shape, training):
     def function(x, weight, bias):
         # Clones keep gradcheck's repeated calls from drifting the running statistics.
         return batch_norm(
-            x, running_mean.clone(), running_var.clone(), weight, bias, training, 0.1, 1e-5
+            x,
+            running_mean.clone(),
+            running_var.clone(),
+            weight,
+            bias,
+            training,
+            0.1,
+            1e-5,
         )
 
     assert torch.autograd.gradcheck(function, (x, weight, bias))
@@ -454,10 +521,16 @@ def test_double_backward_raises():
 
 FUNCTIONAL_CASES = [
     pytest.param({"training": True, "stats": True, "affine": True}, id="train-stats"),
-    pytest.param({"training": True, "stats": False, "affine": True}, id="train-no-stats"),
+    pytest.param(
+        {"training": True, "stats": False, "affine": True}, id="train-no-stats"
+    ),
     pytest.param({"training": False, "stats": True, "affine": True}, id="eval"),
-    pytest.param({"training": True, "stats": True, "affine": "weight"}, id="weight-only"),
-    pytest.param({"training": False, "stats": True, "affine": "bias"}, id="eval-bias-only"),
+    pytest.param(
+        {"training": True, "stats": True, "affine": "weight"}, id="weight-only"
+    ),
+    pytest.param(
+        {"training": False, "stats": True, "affine": "bias"}, id="eval-bias-only"
+    ),
     pytest.param({"training": True, "stats": True, "affine": False}, id="no-affine"),
     pytest.param(
         {"training": True, "stats": True, "affine": True, "momentum": 0.3, "eps": 1e-2},
@@ -491,14 +564,22 @@ def test_functional_matches_torch(config):
     for function in (batch_norm, F.batch_norm):
         x_leaf = x.clone().requires_grad_()
         params = {
-            "weight": weight.clone().requires_grad_()
-            if config["affine"] in (True, "weight")
-            else None,
-            "bias": bias.clone().requires_grad_()
-            if config["affine"] in (True, "bias")
-            else None,
+            "weight": (
+                weight.clone().requires_grad_()
+                if config["affine"] in (True, "weight")
+                else None
+            ),
+            "bias": (
+                bias.clone().requires_grad_()
+                if config["affine"] in (True, "bias")
+                else None
+            ),
         }
-        stats = (running_mean.clone(), running_var.clone()) if config["stats"] else (None, None)
+        stats = (
+            (running_mean.clone(), running_var.clone())
+            if config["stats"]
+            else (None, None)
+        )
         y = function(x_leaf, *stats, **params, **kwargs)
         y.backward(grad_output)
         grads = [x_leaf.grad] + [p.grad for p in params.values() if p is not None]
@@ -532,7 +613,7 @@ def test_single_value_per_channel_raises(cls, shape):
     assert module.eval()(x).shape == shape
 
 
-def test_single_value_without_running_stats_raises_in_eval():
+def test_single_value_untracked_eval_raises():
     module = BatchNorm2d(3, track_running_stats=False).eval()
     with pytest.raises(ValueError, match="more than 1 value per channel"):
         module(torch.randn(1, 3, 1, 1))
@@ -541,8 +622,12 @@ def test_single_value_without_running_stats_raises_in_eval():
 @pytest.mark.parametrize(
     ("cls", "rank", "message"),
     [
-        pytest.param(BatchNorm1d, 4, r"expected 2D or 3D input \(got 4D input\)", id="1d-4D"),
-        pytest.param(BatchNorm1d, 1, r"expected 2D or 3D input \(got 1D input\)", id="1d-1D"),
+        pytest.param(
+            BatchNorm1d, 4, r"expected 2D or 3D input \(got 4D input\)", id="1d-4D"
+        ),
+        pytest.param(
+            BatchNorm1d, 1, r"expected 2D or 3D input \(got 1D input\)", id="1d-1D"
+        ),
         pytest.param(BatchNorm2d, 3, r"expected 4D input \(got 3D input\)", id="2d-3D"),
         pytest.param(BatchNorm3d, 4, r"expected 5D input \(got 4D input\)", id="3d-4D"),
     ],
@@ -553,7 +638,9 @@ def test_wrong_rank_raises(cls, rank, message):
 
 
 def test_channel_mismatch_raises():
-    with pytest.raises(ValueError, match=r"3 channels \(num_features=3\), got 4 channels"):
+    with pytest.raises(
+        ValueError, match=r"3 channels \(num_features=3\), got 4 channels"
+    ):
         BatchNorm2d(3)(torch.randn(2, 4, 2, 2))
 
 
@@ -599,8 +686,12 @@ def test_mixed_parameter_dtypes_raise():
             "both be None or neither",
             id="one-stat-missing",
         ),
-        pytest.param({"training": True, "eps": 0.0}, "eps must be positive", id="zero-eps"),
-        pytest.param({"training": False, "eps": -1.0}, "eps must be non-negative", id="neg-eps"),
+        pytest.param(
+            {"training": True, "eps": 0.0}, "eps must be positive", id="zero-eps"
+        ),
+        pytest.param(
+            {"training": False, "eps": -1.0}, "eps must be non-negative", id="neg-eps"
+        ),
         pytest.param(
             {"weight": torch.ones(4)},
             r"weight should contain 3 elements .*got 4",
@@ -649,7 +740,13 @@ def test_module_interface_matches_torch(cls, config):
     assert [name for name, _ in module.named_parameters()] == [
         name for name, _ in reference.named_parameters()
     ]
-    for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+    for name in (
+        "weight",
+        "bias",
+        "running_mean",
+        "running_var",
+        "num_batches_tracked",
+    ):
         ours, theirs = getattr(module, name), getattr(reference, name)
         assert (ours is None) == (theirs is None), name
         if theirs is not None:
@@ -716,8 +813,10 @@ def test_state_dict_round_trip(direction):
     assert_close(target(x), source(x), torch.float32)
 
 
-@pytest.mark.parametrize("cls", [BatchNorm2d, torch.nn.BatchNorm2d], ids=["normlab", "torch"])
-def test_old_checkpoint_without_num_batches_tracked(cls):
+@pytest.mark.parametrize(
+    "cls", [BatchNorm2d, torch.nn.BatchNorm2d], ids=["normlab", "torch"]
+)
+def test_version1_checkpoint_keeps_count(cls):
     checkpoint = torch.nn.BatchNorm2d(3).state_dict()
     checkpoint["running_mean"].fill_(2.0)
     del checkpoint["num_batches_tracked"]
@@ -731,8 +830,10 @@ def test_old_checkpoint_without_num_batches_tracked(cls):
     assert module.num_batches_tracked.item() == 5
 
 
-@pytest.mark.parametrize("cls", [BatchNorm2d, torch.nn.BatchNorm2d], ids=["normlab", "torch"])
-def test_current_checkpoint_missing_num_batches_tracked_raises(cls):
+@pytest.mark.parametrize(
+    "cls", [BatchNorm2d, torch.nn.BatchNorm2d], ids=["normlab", "torch"]
+)
+def test_version2_checkpoint_missing_count_raises(cls):
     checkpoint = torch.nn.BatchNorm2d(3).state_dict()
     del checkpoint["num_batches_tracked"]
     with pytest.raises(RuntimeError, match="num_batches_tracked"):
@@ -753,7 +854,16 @@ def test_current_checkpoint_missing_num_batches_tracked_raises(cls):
     seed=st.integers(min_value=0, max_value=2**31 - 1),
 )
 def test_property_matches_torch(
-    rank, batch, channels, spatial, eps, momentum, affine, track_running_stats, eval_last, seed
+    rank,
+    batch,
+    channels,
+    spatial,
+    eps,
+    momentum,
+    affine,
+    track_running_stats,
+    eval_last,
+    seed,
 ):
     shape = (batch, channels) + tuple(spatial[: rank - 2])
     values_per_channel = batch * math.prod(shape[2:])
