@@ -66,7 +66,7 @@ class FasterConvergence(Claim):
 
     def grid(self, ctx: StudyContext) -> str:
         return (
-            f"learning rates {', '.join(f'{lr:g}' for lr in LRS)} x {{BatchNorm, none}} x "
+            f"learning rates {', '.join(f'{lr:.3g}' for lr in LRS)} x {{BatchNorm, none}} x "
             f"{ctx.seeds} seeds, MLP 100-100, SGD momentum 0.9; target validation accuracy "
             f"{self.target(ctx):.2f}."
         )
@@ -107,8 +107,8 @@ class FasterConvergence(Claim):
         details["per_seed_speedup"] = [2**v for v in logs]
         summary = (
             f"Steps to {target:.2f} validation accuracy: BatchNorm "
-            f"{_steps_list(steps[BN])} at lr {best[BN]:g}, none "
-            f"{_steps_list(steps[NO_NORM])} at lr {best[NO_NORM]:g}; speedup {effect:.2f}x "
+            f"{_steps_list(steps[BN])} at lr {best[BN]:.3g}, none "
+            f"{_steps_list(steps[NO_NORM])} at lr {best[NO_NORM]:.3g}; speedup {effect:.2f}x "
             f"(95% CI {interval[0]:.2f}x to {interval[1]:.2f}x)."
         )
         if len(reached[NO_NORM]) < ctx.seeds or len(reached[BN]) < ctx.seeds:

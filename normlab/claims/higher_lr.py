@@ -67,7 +67,7 @@ class HigherLearningRate(Claim):
     def grid(self, ctx: StudyContext) -> str:
         grid = lr_grid(ctx.scale)
         return (
-            f"{len(grid)} learning rates from {grid[0]:g} to {grid[-1]:g} (half-decade steps)"
+            f"{len(grid)} learning rates from {grid[0]:.3g} to {grid[-1]:.3g} (half-decade steps)"
             f" x {{BatchNorm, none}} x {ctx.seeds} seeds, MLP 100-100, SGD momentum 0.9."
         )
 
@@ -109,7 +109,7 @@ class HigherLearningRate(Claim):
         )
         if censored:
             summary += (
-                f" BatchNorm trained at the top of the grid ({top:g}) in every seed, so its "
+                f" BatchNorm trained at the top of the grid ({top:.3g}) in every seed, so its "
                 "true limit is higher and the effect is a lower bound."
             )
         return self.verdict(
@@ -170,4 +170,4 @@ def _grid_steps(ratio: float) -> int:
 
 
 def _lr_list(values: dict) -> str:
-    return "[" + ", ".join(f"{v:g}" for _, v in sorted(values.items())) + "]"
+    return "[" + ", ".join(f"{v:.3g}" for _, v in sorted(values.items())) + "]"

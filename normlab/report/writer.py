@@ -71,7 +71,7 @@ def write_markdown(verdicts: Sequence, out_dir: Path, meta: dict) -> Path:
             f"- Metric: {v.metric}",
             f"- Decision rule: {v.decision_rule}",
             f"- Data: {v.dataset} ({v.data_source}), scale {v.scale}, {v.runs} runs, "
-            f"{v.wall_time:.0f} s",
+            f"{v.wall_time:.0f} s of training",
             "",
         ]
         for plot in v.plots:
@@ -105,7 +105,7 @@ def write_html(verdicts: Sequence, out_dir: Path, meta: dict) -> Path:
             f"<li><b>Metric:</b> {_e(v.metric)}</li>"
             f"<li><b>Decision rule:</b> {_e(v.decision_rule)}</li>"
             f"<li><b>Data:</b> {_e(v.dataset)} ({_e(v.data_source)}), scale {_e(v.scale)}, "
-            f"{v.runs} runs, {v.wall_time:.0f} s</li></ul>{images}"
+            f"{v.runs} runs, {v.wall_time:.0f} s of training</li></ul>{images}"
         )
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>normlab report</title>
