@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..nn.factory import NormSpec, create_norm, is_identity
+from ..nn.factory import NormSpec, create_norm, uses_bias, wrap_layer
 
 
 class CNN(nn.Module):
@@ -13,7 +13,9 @@ class CNN(nn.Module):
 
     ``conv3x3(64) -> norm -> ReLU -> maxpool2``, ``conv3x3(128) -> norm -> ReLU -> maxpool2``,
     ``fc(256) -> norm -> ReLU``, ``fc(num_classes)``. Convolutions and linear layers that a
-    normalization follows have no bias.
+    normalization follows keep their bias only where ``uses_bias(norm)`` is True
+    ("none", "weightnorm" and callables), and ``wrap_layer`` applies weight
+    normalization to them when ``norm="weightnorm"``.
 
     Args:
         in_channels (int): channels of the input images. Default: 1.
@@ -44,14 +46,14 @@ class CNN(nn.Module):
             raise ValueError(f"image_size must be a multiple of 4, got {image_size}")
         self.in_channels = in_channels
         self.image_size = image_size
-        bias = is_identity(norm)
+        bias = uses_bias(norm)
         c1, c2 = channels
         self.features = nn.Sequential(
-            nn.Conv2d(in_channels, c1, 3, padding=1, bias=bias),
+            wrap_layer(nn.Conv2d(in_channels, c1, 3, padding=1, bias=bias), norm),
             create_norm(norm, c1, dims=2),
             nn.ReLU(inplace=True),
             nn.MaxPool2d(2),
-            nn.Conv2d(c1, c2, 3, padding=1, bias=bias),
+            wrap_layer(nn.Conv2d(c1, c2, 3, padding=1, bias=bias), norm),
             create_norm(norm, c2, dims=2),
             nn.ReLU(inplace=True),
             nn.MaxPool2d(2),
@@ -59,7 +61,7 @@ class CNN(nn.Module):
         flat = c2 * (image_size // 4) ** 2
         self.classifier = nn.Sequential(
             nn.Flatten(),
-            nn.Linear(flat, hidden, bias=bias),
+            wrap_layer(nn.Linear(flat, hidden, bias=bias), norm),
             create_norm(norm, hidden, dims=1),
             nn.ReLU(inplace=True),
             nn.Linear(hidden, num_classes),

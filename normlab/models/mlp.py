@@ -7,7 +7,7 @@ from typing import Sequence, Union
 import torch
 from torch import nn
 
-from ..nn.factory import NormSpec, create_norm, is_identity
+from ..nn.factory import NormSpec, create_norm, uses_bias, wrap_layer
 
 _ACTIVATIONS = {"relu": nn.ReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh}
 
@@ -17,7 +17,10 @@ class MLP(nn.Module):
 
     Each hidden block is ``Linear -> norm -> activation`` (then dropout when ``dropout > 0``);
     the output layer has no normalization. A linear layer followed by a normalization has
-    no bias, because the normalization's shift makes it redundant.
+    no bias, because the normalization's shift makes it redundant. The exceptions are
+    the normalizations for which ``uses_bias(norm)`` is True ("none", "weightnorm" and
+    callables). ``wrap_layer`` applies weight normalization to the hidden linear layers
+    when ``norm="weightnorm"``.
 
     Args:
         in_features (int): size of each flattened input sample.
@@ -54,11 +57,11 @@ class MLP(nn.Module):
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         self.in_features = in_features
-        has_norm = not is_identity(norm)
+        bias = uses_bias(norm)
         layers: list[nn.Module] = [nn.Flatten()]
         width_in = in_features
         for width in widths:
-            layers.append(nn.Linear(width_in, width, bias=not has_norm))
+            layers.append(wrap_layer(nn.Linear(width_in, width, bias=bias), norm))
             layers.append(create_norm(norm, width, dims=1))
             layers.append(_ACTIVATIONS[activation]())
             if dropout > 0:

@@ -10,7 +10,7 @@ from typing import Callable, Union
 
 from torch import nn
 
-from . import batchnorm
+from . import batchnorm, norms
 
 NormBuilder = Callable[..., nn.Module]
 NormSpec = Union[str, Callable[[int], nn.Module]]
@@ -85,4 +85,71 @@ def _torch_batchnorm(num_features: int, dims: int, **kwargs) -> nn.Module:
 
 @register_norm("none")
 def _none(num_features: int, dims: int, **kwargs) -> nn.Module:
+    return nn.Identity()
+
+
+def uses_bias(norm: NormSpec) -> bool:
+    """Return True when a conv or linear layer followed by ``norm`` should keep its bias.
+
+    A normalization that subtracts a mean and adds its own shift makes the bias of the layer
+    before it redundant. "none" and "weightnorm" do not subtract a mean, and the shift of
+    "frozen-batchnorm" is a fixed buffer, so those keep the bias. An unknown callable is
+    given the benefit of the doubt and keeps it too.
+    """
+    if not isinstance(norm, str):
+        return True
+    return resolve_norm_name(norm) in ("none", "weightnorm", "frozen-batchnorm")
+
+
+def wrap_layer(layer: nn.Module, norm: NormSpec) -> nn.Module:
+    """Return ``layer`` reparametrized by weight normalization when ``norm`` asks for it.
+
+    Weight normalization acts on the weight of the conv or linear layer itself, so models
+    call this on every such layer and put ``create_norm(norm, ...)`` (an identity for
+    "weightnorm") where other normalizations go.
+    """
+    if isinstance(norm, str) and resolve_norm_name(norm) == "weightnorm":
+        from .weightnorm import weight_norm
+
+        return weight_norm(layer)
+    return layer
+
+
+_FROZEN = {
+    1: norms.FrozenBatchNorm1d,
+    2: norms.FrozenBatchNorm2d,
+    3: norms.FrozenBatchNorm3d,
+}
+_INSTANCE = {1: norms.InstanceNorm1d, 2: norms.InstanceNorm2d, 3: norms.InstanceNorm3d}
+
+
+@register_norm("frozen-batchnorm")
+def _frozen_batchnorm(num_features: int, dims: int, **kwargs) -> nn.Module:
+    return _FROZEN[dims](num_features, **kwargs)
+
+
+@register_norm("layernorm")
+def _layernorm(num_features: int, dims: int, **kwargs) -> nn.Module:
+    # One class for every dims: (N, C) features give torch's LayerNorm(C), and
+    # (N, C, *) features give torch's GroupNorm(1, C).
+    return norms.LayerNorm(num_features, **kwargs)
+
+
+@register_norm("groupnorm")
+def _groupnorm(num_features: int, dims: int, **kwargs) -> nn.Module:
+    # num_groups defaults to the largest divisor of num_features that is at most 32.
+    return norms.GroupNorm(num_features, **kwargs)
+
+
+@register_norm("instancenorm")
+def _instancenorm(num_features: int, dims: int, **kwargs) -> nn.Module:
+    # dims=1 takes (N, C, L) input only, because (N, C) features have no positions to
+    # take instance statistics over.
+    return _INSTANCE[dims](num_features, **kwargs)
+
+
+@register_norm("weightnorm")
+def _weightnorm(num_features: int, dims: int, **kwargs) -> nn.Module:
+    # Weight normalization reparametrizes the preceding layer (see wrap_layer), so the
+    # normalization slot itself computes nothing.
     return nn.Identity()
