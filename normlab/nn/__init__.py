@@ -2,7 +2,14 @@
 
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, batch_norm
 from .convert import convert_norm
-from .factory import NORMS, create_norm, register_norm, resolve_norm_name
+from .factory import (
+    NORMS,
+    create_norm,
+    register_norm,
+    resolve_norm_name,
+    uses_bias,
+    wrap_layer,
+)
 from .norms import (
     FrozenBatchNorm1d,
     FrozenBatchNorm2d,
@@ -40,5 +47,7 @@ __all__ = [
     "register_norm",
     "remove_weight_norm",
     "resolve_norm_name",
+    "uses_bias",
     "weight_norm",
+    "wrap_layer",
 ]
