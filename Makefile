@@ -20,7 +20,8 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -n 2 -q
+	# two single-threaded workers: one per core, no oversubscription
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 -q
 
 verify: $(STAMP)
 	$(BIN)/normlab verify --quick

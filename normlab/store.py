@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 from . import __version__
-from .train.config import TrainConfig
+from .train.config import TrainConfig, config_from_dict
 from .train.loop import RunResult
 
 logger = logging.getLogger(__name__)
@@ -33,6 +33,7 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS runs (
     id INTEGER PRIMARY KEY,
     key TEXT NOT NULL UNIQUE,
+    task TEXT NOT NULL,
     config TEXT NOT NULL,
     seed INTEGER NOT NULL,
     status TEXT NOT NULL,
@@ -57,7 +58,7 @@ CREATE TABLE IF NOT EXISTS metrics (
 CREATE INDEX IF NOT EXISTS metrics_run ON metrics(run_id, name, step);
 """
 
-_HISTORY_FIELDS = ("train_loss", "val_loss", "val_acc")
+_ROW_INDEX = ("step", "epoch")
 
 
 class StoreError(RuntimeError):
@@ -69,7 +70,7 @@ class RunRecord:
     """One stored run: its config, outcome and metrics."""
 
     key: str
-    config: TrainConfig
+    config: TrainConfig  # or another registered config type, see ``register_config``
     status: str
     steps: Optional[int] = None
     diverged_step: Optional[int] = None
@@ -145,9 +146,10 @@ class RunStore:
         """Mark the run of ``config`` as running and return its row id."""
         with self._transaction():
             self._db.execute(
-                "INSERT INTO runs (key, config, seed, status) VALUES (?, ?, ?, ?) "
+                "INSERT INTO runs (key, task, config, seed, status) VALUES (?, ?, ?, ?, ?) "
                 "ON CONFLICT(key) DO NOTHING",
-                (config.key(), json.dumps(config.to_dict()), config.seed, RUNNING),
+                (config.key(), config.task, json.dumps(config.to_dict()), config.seed,
+                 RUNNING),
             )
             self._db.execute(
                 "UPDATE runs SET status=?, attempts=attempts+1, started_at=?, host=?, "
@@ -163,8 +165,9 @@ class RunStore:
         """Store the outcome and every metric of a run in one transaction."""
         rows = [(run_id, i + 1, None, "step_loss", _real(v)) for i, v in enumerate(result.step_loss)]
         for row in result.history:
-            for name in _HISTORY_FIELDS:
-                rows.append((run_id, row["step"], row["epoch"], name, _real(row[name])))
+            for name, value in row.items():
+                if name not in _ROW_INDEX:
+                    rows.append((run_id, row["step"], row.get("epoch"), name, _real(value)))
         with self._transaction():
             self._db.execute("DELETE FROM metrics WHERE run_id=?", (run_id,))
             self._db.executemany("INSERT INTO metrics VALUES (?, ?, ?, ?, ?)", rows)
@@ -199,16 +202,16 @@ class RunStore:
     def load(self, key: str, with_metrics: bool = True) -> Optional[RunRecord]:
         """Return the stored run with ``key``, or None."""
         row = self._db.execute(
-            "SELECT id, config, status, steps, diverged_step, final, wall_time, error "
+            "SELECT id, task, config, status, steps, diverged_step, final, wall_time, error "
             "FROM runs WHERE key=?",
             (key,),
         ).fetchone()
         if row is None:
             return None
-        run_id, config, status, steps, diverged_step, final, wall_time, error = row
+        run_id, task, config, status, steps, diverged_step, final, wall_time, error = row
         record = RunRecord(
             key=key,
-            config=TrainConfig.from_dict(json.loads(config)),
+            config=config_from_dict(task, json.loads(config)),
             status=status,
             steps=steps,
             diverged_step=diverged_step,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import traceback
-from typing import Sequence
+from typing import Callable, Sequence
 
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
@@ -46,16 +46,29 @@ def run_sweep(
                dynamic_ncols=True)
     with logging_redirect_tqdm():
         for config in bar:
-            bar.set_postfix_str(f"{config.norm} lr={config.lr:g} seed={config.seed}")
+            bar.set_postfix_str(f"{config.norm} lr={config.lr:.3g} seed={config.seed}")
             _run_one(config, store, data)
     bar.close()
     return store.load_many(c.key() for c in configs)
 
 
-def _run_one(config: TrainConfig, store: RunStore, data) -> None:
+def _classify(config: TrainConfig, data):
+    # looked up at call time, so tests can replace train_classifier in this module
+    return train_classifier(config, data)
+
+
+TRAINERS: dict[str, Callable] = {TrainConfig.task: _classify}
+
+
+def register_trainer(task: str, trainer: Callable) -> None:
+    """Train configs whose ``task`` is ``task`` with ``trainer(config, data)``."""
+    TRAINERS[task] = trainer
+
+
+def _run_one(config, store: RunStore, data) -> None:
     run_id = store.start(config)
     try:
-        result = train_classifier(config, data)
+        result = TRAINERS[config.task](config, data)
     except (ValueError, RuntimeError, FloatingPointError) as error:
         logger.error("run %s failed: %s", config.key(), error)
         store.fail(run_id, "".join(traceback.format_exception(error)))

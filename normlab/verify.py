@@ -11,7 +11,6 @@ from typing import Optional, Sequence
 
 from .claims import CLAIMS, StudyContext, Verdict, get_claim
 from .claims.base import SCALES
-from .data import load_classification
 from .report import write_report
 from .store import RunStore
 from .sweep import run_sweep
@@ -69,15 +68,20 @@ def verify(options: VerifyOptions) -> list[Verdict]:
     out = Path(options.out)
     check_output_dir(out)
     seeds = options.seeds or DEFAULT_SEEDS[options.scale]
-    data = load_classification(options.dataset, options.data_dir, download=options.download)
-    ctx = StudyContext(options.dataset, data, options.scale, seeds, options.device)
-    logger.info("data: %s (%s), %d train / %d val / %d test", data.name, data.source,
-                len(data.train), len(data.val), len(data.test))
+    # load every task's data before the first run, so a data error costs no training
+    loaded = {}
+    for claim in claims:
+        if claim.task not in loaded:
+            loaded[claim.task] = claim.load_data(
+                options.dataset, options.data_dir, options.download
+            )
 
     verdicts = []
     with RunStore(out / DB_NAME) as store:
         for claim in claims:
             started = time.perf_counter()
+            dataset, data = loaded[claim.task]
+            ctx = StudyContext(dataset, data, options.scale, seeds, options.device)
             configs = claim.configs(ctx)
             records = run_sweep(configs, store, data, options.progress, desc=claim.id)
             verdict = decide(claim, ctx, records, out)

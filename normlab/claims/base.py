@@ -70,10 +70,20 @@ class Claim(ABC):
     """
 
     id: ClassVar[str]
+    task: ClassVar[str] = "classify"
     statement: ClassVar[str]
     hypothesis: ClassVar[str]
     metric: ClassVar[str]
     decision_rule: ClassVar[str]
+
+    def load_data(self, dataset: str, data_dir, download: bool) -> tuple[str, object]:
+        """Load the data of this claim's task; return ``(dataset name, data)``.
+
+        Claims of the same ``task`` share the result, so this runs once per task.
+        """
+        from ..data import load_classification
+
+        return dataset, load_classification(dataset, data_dir, download=download)
 
     @abstractmethod
     def configs(self, ctx: StudyContext) -> list[TrainConfig]:

@@ -7,6 +7,7 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 from ..nn.factory import resolve_norm_name
 
@@ -40,6 +41,8 @@ class TrainConfig:
         diverge_loss: a training loss above this (or NaN/Inf) stops the run as diverged.
         device: ``"cpu"`` or ``"cuda"``.
     """
+
+    task: ClassVar[str] = "classify"
 
     dataset: str = "digits"
     model: str = "mlp"
@@ -112,3 +115,21 @@ def _choice(name: str, value: str, valid: tuple[str, ...]) -> None:
 def _positive_finite(name: str, value: float) -> None:
     if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+
+
+CONFIG_TYPES: dict[str, type] = {TrainConfig.task: TrainConfig}
+
+
+def register_config(cls: type) -> type:
+    """Register a config class under its ``task``, so the run store can load it."""
+    CONFIG_TYPES[cls.task] = cls
+    return cls
+
+
+def config_from_dict(task: str, data: dict):
+    """Rebuild the config of ``task`` from :meth:`to_dict` output."""
+    if task not in CONFIG_TYPES:
+        raise ValueError(
+            f"unknown task {task!r} in the run store; known: {', '.join(CONFIG_TYPES)}"
+        )
+    return CONFIG_TYPES[task].from_dict(data)
