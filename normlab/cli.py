@@ -18,6 +18,8 @@ EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 def _claim_list(text: str) -> list[str]:
     from .claims import get_claim
 
+    if text == "all":
+        return None
     ids = [part.strip() for part in text.split(",") if part.strip()]
     if not ids:
         raise argparse.ArgumentTypeError("expected comma-separated claim ids, got nothing")
@@ -63,9 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     scale.add_argument("--full", dest="scale", action="store_const", const="full",
                        help="longer budgets and wider grids, for a GPU or a long CPU run")
     verify.set_defaults(scale="quick")
-    verify.add_argument("--claims", type=_claim_list, default=None, metavar="ID,...",
-                        help="comma-separated claim ids to run (default: all; see "
-                        "`normlab claims`)")
+    verify.add_argument("--claims", type=_claim_list, default="all", metavar="ID,...",
+                        help="comma-separated claim ids to run; see `normlab claims`")
     verify.add_argument("--dataset", choices=DATASETS, default="digits",
                         help="data set; digits is bundled with scikit-learn and needs no "
                         "download")
@@ -77,8 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "check their checksums")
     verify.add_argument("--out", default="normlab-out", metavar="DIR",
                         help="output folder for the run store, verdicts, report and plots")
-    verify.add_argument("--seeds", type=_positive_int, default=None, metavar="N",
-                        help="seeds per condition (default: 5)")
+    verify.add_argument("--seeds", type=_positive_int, default=5, metavar="N",
+                        help="seeds per condition; intervals need at least 2")
+    verify.add_argument("--threads", type=_positive_int, default=1, metavar="N",
+                        help="torch CPU threads per run; one thread is fastest for the "
+                        "small quick models and keeps numbers reproducible")
     verify.add_argument("--device", default="cpu", metavar="{cpu,cuda}",
                         help="device to train on")
     _add_output_flags(verify)
@@ -126,6 +130,7 @@ def _cmd_verify(args) -> int:
         scale=args.scale,
         seeds=args.seeds,
         device=args.device,
+        threads=args.threads,
         progress=args.progress,
     )
     try:

@@ -102,6 +102,7 @@ class RunStore:
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA foreign_keys=ON")
             self._db.executescript(_SCHEMA)
+            self._check_columns()
             with self._transaction():
                 self._check_version()
         except sqlite3.DatabaseError as error:
@@ -115,7 +116,27 @@ class RunStore:
             ) from error
 
     def _transaction(self):
-        return _Transaction(self._db)
+        return _Transaction(self._db, self.path)
+
+    def _check_columns(self) -> None:
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(runs)")}
+        missing = {"key", "task", "config", "status", "final"} - columns
+        if missing:
+            raise StoreError(
+                f"{self.path} is an SQLite database but not a normlab run store (its runs "
+                f"table lacks {', '.join(sorted(missing))}); pass another --out folder"
+            )
+
+    def check_meta(self, name: str, value: str) -> Optional[str]:
+        """Store ``value`` under ``name`` on first use; return the stored value."""
+        with self._transaction():
+            self._db.execute(
+                "INSERT INTO meta VALUES (?, ?) ON CONFLICT(key) DO NOTHING", (name, value)
+            )
+            (stored,) = self._db.execute(
+                "SELECT value FROM meta WHERE key=?", (name,)
+            ).fetchone()
+        return stored
 
     def _check_version(self) -> None:
         row = self._db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
@@ -252,16 +273,35 @@ class RunStore:
 
 
 class _Transaction:
-    """``BEGIN IMMEDIATE`` ... ``COMMIT``, rolled back when the body raises."""
+    """``BEGIN IMMEDIATE`` ... ``COMMIT``, rolled back when the body raises.
 
-    def __init__(self, db: sqlite3.Connection) -> None:
+    SQLite errors (a full disk, a locked or damaged file) become :class:`StoreError`, so
+    the command line reports them in one line. Runs committed before stay in the store.
+    """
+
+    def __init__(self, db: sqlite3.Connection, path: Path) -> None:
         self._db = db
+        self._path = path
 
     def __enter__(self) -> None:
-        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as error:
+            raise self._store_error(error) from error
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        self._db.execute("ROLLBACK" if exc_type else "COMMIT")
+        try:
+            self._db.execute("ROLLBACK" if exc_type else "COMMIT")
+        except sqlite3.Error as error:
+            raise self._store_error(error) from error
+        if exc_type is not None and issubclass(exc_type, sqlite3.Error):
+            raise self._store_error(exc) from exc
+
+    def _store_error(self, error: BaseException) -> StoreError:
+        return StoreError(
+            f"cannot write run store {self._path}: {error}. Runs stored before are kept; "
+            "fix the cause (for example free disk space) and run the same command again"
+        )
 
 
 def _real(value) -> Optional[float]:

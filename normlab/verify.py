@@ -2,23 +2,29 @@
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import logging
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
+
+import torch
 
 from .claims import CLAIMS, StudyContext, Verdict, get_claim
 from .claims.base import SCALES
 from .report import write_report
-from .store import RunStore
+from .store import RunStore, StoreError
 from .sweep import run_sweep
 
 logger = logging.getLogger(__name__)
 
 DB_NAME = "normlab.db"
-DEFAULT_SEEDS = {"quick": 5, "full": 5}
+LOCK_NAME = ".normlab.lock"
+DEFAULT_SEEDS = 5
 
 
 @dataclass
@@ -31,23 +37,25 @@ class VerifyOptions:
     download: bool = False
     out: str = "normlab-out"
     scale: str = "quick"
-    seeds: Optional[int] = None
+    seeds: int = DEFAULT_SEEDS
     device: str = "cpu"
+    threads: Optional[int] = 1
     progress: bool = True
 
     def validate(self) -> None:
         if self.scale not in SCALES:
             raise ValueError(f"scale must be one of {', '.join(SCALES)}, got {self.scale!r}")
-        if self.seeds is not None and (not isinstance(self.seeds, int) or self.seeds < 1):
+        if not isinstance(self.seeds, int) or self.seeds < 1:
             raise ValueError(f"--seeds must be a positive integer, got {self.seeds!r}")
+        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
+            raise ValueError(f"--threads must be a positive integer, got {self.threads!r}")
+        if not str(self.out).strip():
+            raise ValueError("--out must name a folder, got an empty string")
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"--device must be cpu or cuda, got {self.device!r}")
-        if self.device.startswith("cuda"):
-            import torch
-
-            if not torch.cuda.is_available():
-                raise ValueError("--device cuda requested but CUDA is not available; "
-                                 "use --device cpu")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError("--device cuda requested but CUDA is not available; "
+                             "use --device cpu")
 
 
 def check_output_dir(out: Path) -> None:
@@ -61,13 +69,48 @@ def check_output_dir(out: Path) -> None:
         raise ValueError(f"output folder {out} is not writable; pass a writable --out folder")
 
 
+@contextmanager
+def output_lock(out: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``out`` so two ``verify`` calls never share it."""
+    with open(out / LOCK_NAME, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(
+                f"another normlab verify is writing to {out}; wait for it to finish or pass "
+                "another --out folder"
+            ) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def data_fingerprint(data) -> str:
+    """Return a digest of the data's content, so a store never mixes two data sets."""
+    digest = hashlib.sha256()
+    for name in ("train", "val", "test"):
+        split = getattr(data, name, None)
+        if split is None:
+            continue
+        for tensor in (split.x, split.y):
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    if hasattr(data, "fingerprint"):
+        digest.update(str(data.fingerprint()).encode())
+    return digest.hexdigest()[:20]
+
+
 def verify(options: VerifyOptions) -> list[Verdict]:
     """Run every requested claim and write the report; return the verdicts."""
     options.validate()
-    claims = [get_claim(c) for c in (options.claims or list(CLAIMS))]
-    out = Path(options.out)
-    check_output_dir(out)
-    seeds = options.seeds or DEFAULT_SEEDS[options.scale]
+    claim_ids = list(dict.fromkeys(options.claims or CLAIMS))
+    claims = [get_claim(c) for c in claim_ids]
+    if options.seeds < 2:
+        logger.warning("one seed gives no interval across seeds, so every verdict will be "
+                       "INCONCLUSIVE; use --seeds 2 or more")
+    if options.threads is not None:
+        torch.set_num_threads(options.threads)
+
     # load every task's data before the first run, so a data error costs no training
     loaded = {}
     for claim in claims:
@@ -76,22 +119,53 @@ def verify(options: VerifyOptions) -> list[Verdict]:
                 options.dataset, options.data_dir, options.download
             )
 
-    verdicts = []
-    with RunStore(out / DB_NAME) as store:
-        for claim in claims:
-            started = time.perf_counter()
-            dataset, data = loaded[claim.task]
-            ctx = StudyContext(dataset, data, options.scale, seeds, options.device)
-            configs = claim.configs(ctx)
-            records = run_sweep(configs, store, data, options.progress, desc=claim.id)
-            verdict = decide(claim, ctx, records, out)
-            # training time of the claim's runs, whichever call trained them
-            verdict.wall_time = sum(r.wall_time or 0.0 for r in records.values())
-            logger.debug("%s took %.1f s in this call", claim.id, time.perf_counter() - started)
-            verdicts.append(verdict)
-            logger.info("%s: %s", claim.id, verdict.verdict)
-    meta = {"dataset": options.dataset, "scale": options.scale, "seeds": seeds}
+    out = Path(options.out)
+    check_output_dir(out)
+    with output_lock(out), RunStore(out / DB_NAME) as store:
+        _check_store_settings(store, loaded)
+        verdicts = _run_claims(claims, loaded, store, options, out)
+    meta = {"dataset": options.dataset, "scale": options.scale, "seeds": options.seeds,
+            "threads": torch.get_num_threads()}
     write_report(verdicts, out, meta)
+    return verdicts
+
+
+def _check_store_settings(store: RunStore, loaded: dict) -> None:
+    """Refuse data that differs from the store's runs; warn about another thread count."""
+    for task, (dataset, data) in loaded.items():
+        name = f"data:{task}:{dataset}"
+        fingerprint = data_fingerprint(data)
+        stored = store.check_meta(name, fingerprint)
+        if stored != fingerprint:
+            raise StoreError(
+                f"{store.path} holds runs trained on another copy of {dataset} (content "
+                f"digest {stored}, now {fingerprint}, from {getattr(data, 'source', '?')}); "
+                "pass another --out folder to keep both"
+            )
+    threads = str(torch.get_num_threads())
+    stored = store.check_meta("torch_threads", threads)
+    if stored != threads:
+        logger.warning(
+            "%s holds runs made with %s threads and this call uses %s; float results can "
+            "differ in the last digits between the two, use --threads %s to match",
+            store.path, stored, threads, stored,
+        )
+
+
+def _run_claims(claims, loaded: dict, store: RunStore, options, out: Path) -> list[Verdict]:
+    verdicts = []
+    for claim in claims:
+        started = time.perf_counter()
+        dataset, data = loaded[claim.task]
+        ctx = StudyContext(dataset, data, options.scale, options.seeds, options.device)
+        configs = claim.configs(ctx)
+        records = run_sweep(configs, store, data, options.progress, desc=claim.id)
+        verdict = decide(claim, ctx, records, out)
+        # training time of the claim's runs, whichever call trained them
+        verdict.wall_time = sum(r.wall_time or 0.0 for r in records.values())
+        logger.debug("%s took %.1f s in this call", claim.id, time.perf_counter() - started)
+        verdicts.append(verdict)
+        logger.info("%s: %s", claim.id, verdict.verdict)
     return verdicts
 
 

@@ -173,3 +173,31 @@ def test_sweep_killed_half_way_keeps_finished_runs(tmp_path):
         if key in kept:
             assert final == kept[key]
             assert attempts == 1
+
+
+def test_verify_rejects_empty_out(capsys):
+    assert run_cli("verify", "--out", "") == 2
+    assert "--out must name a folder" in capsys.readouterr().err
+
+
+def test_verify_rejects_busy_out(tmp_path, capsys):
+    from normlab.verify import output_lock
+
+    with output_lock(tmp_path):
+        assert run_cli("verify", "--out", str(tmp_path), "--no-progress") == 2
+    assert "another normlab verify is writing to" in capsys.readouterr().err
+
+
+def test_verify_rejects_store_of_other_data(tiny_budget, tmp_path, capsys):
+    argv = ["verify", "--claims", "higher-lr,higher-lr", "--seeds", "2", "--out",
+            str(tmp_path), "--no-progress"]
+    assert run_cli(*argv) == 0
+    verdicts = json.loads((tmp_path / "verdicts.json").read_text())
+    assert [v["claim"] for v in verdicts] == ["higher-lr"]  # repeated ids run once
+    assert oct((tmp_path / "report.md").stat().st_mode & 0o777) == "0o644"
+
+    with sqlite3.connect(tmp_path / "normlab.db") as db:
+        db.execute("UPDATE meta SET value='0000' WHERE key='data:classify:digits'")
+    capsys.readouterr()
+    assert run_cli(*argv) == 2
+    assert "holds runs trained on another copy of digits" in capsys.readouterr().err

@@ -132,3 +132,19 @@ def test_sweep_keeps_going_after_a_failing_run(tmp_path, digits, monkeypatch):
     assert counts == {"finished": 2, "failed": 2}
     failed = [r for r in records.values() if r.status == "failed"]
     assert all("simulated failure" in r.error for r in failed)
+
+
+def test_store_rejects_a_foreign_sqlite_database(tmp_path):
+    path = tmp_path / "other.db"
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE runs (id INTEGER PRIMARY KEY, name TEXT)")
+    db.commit()
+    db.close()
+    with pytest.raises(StoreError, match="not a normlab run store"):
+        RunStore(path)
+
+
+def test_store_meta_keeps_first_value(tmp_path):
+    with RunStore(tmp_path / "runs.db") as store:
+        assert store.check_meta("data:classify:digits", "abc") == "abc"
+        assert store.check_meta("data:classify:digits", "xyz") == "abc"

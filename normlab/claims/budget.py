@@ -10,12 +10,12 @@ from ..train.config import TrainConfig
 
 # epochs over the training split, and steps between two validation evaluations
 BUDGETS = {
-    ("digits", "quick"): {"epochs": 15, "eval_every": 5},
-    ("digits", "full"): {"epochs": 40, "eval_every": 5},
+    ("digits", "quick"): {"epochs": 15, "eval_every": 2},
+    ("digits", "full"): {"epochs": 40, "eval_every": 2},
     ("mnist", "quick"): {"epochs": 2, "eval_every": 50},
     ("mnist", "full"): {"epochs": 10, "eval_every": 100},
-    ("cifar10", "quick"): {"epochs": 15, "eval_every": 20},
-    ("cifar10", "full"): {"epochs": 40, "eval_every": 20},
+    ("cifar10", "quick"): {"epochs": 15, "eval_every": 10},
+    ("cifar10", "full"): {"epochs": 40, "eval_every": 10},
 }
 
 # conditions compared by the BN claims: normlab's BatchNorm against no normalization

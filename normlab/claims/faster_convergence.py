@@ -104,6 +104,10 @@ class FasterConvergence(Claim):
         mean, low, high = t_interval(logs)
         effect, interval = 2**mean, (2**low, 2**high)
         verdict = decide(low, high, mean, margin=math.log2(MIN_SPEEDUP))
+        first_eval = min(
+            (r.history[0]["step"] for r in runs if r.history), default=0
+        )
+        at_first = [n for n, m in steps.items() if all(v == first_eval for v in m.values())]
         details["per_seed_speedup"] = [2**v for v in logs]
         summary = (
             f"Steps to {target:.2f} validation accuracy: BatchNorm "
@@ -113,6 +117,13 @@ class FasterConvergence(Claim):
         )
         if len(reached[NO_NORM]) < ctx.seeds or len(reached[BN]) < ctx.seeds:
             summary += f" Runs that never reached the target count as {budget} steps."
+        if at_first:
+            verdict = INCONCLUSIVE
+            summary += (
+                f" {', '.join(CONDITION_LABELS[n] for n in at_first)} reached the target at"
+                f" the first evaluation (step {first_eval}) in every seed, so its speed is"
+                " not resolved; evaluate more often or raise the target."
+            )
         return self.verdict(
             ctx, records, verdict=verdict, effect=effect, interval=interval,
             effect_label=label, details=details, summary=summary,
@@ -136,8 +147,11 @@ class FasterConvergence(Claim):
 
 
 def steps_to_target(record, target: float):
-    """Return the first evaluated step with validation accuracy >= ``target``, or None."""
-    if record is None:
+    """Return the first evaluated step with validation accuracy >= ``target``, or None.
+
+    A run that diverged later counts as never reaching the target.
+    """
+    if record is None or record.status != "finished":
         return None
     for row in record.history:
         if row["val_acc"] >= target:
@@ -153,6 +167,7 @@ def best_lr(runs, norm: str, target: float) -> float:
             by_lr.setdefault(record.config.lr, []).append(record)
 
     def score(lr):
+        # diverged runs count as never reaching the target
         steps = [steps_to_target(r, target) for r in by_lr[lr]]
         median = statistics.median(math.inf if s is None else s for s in steps)
         accs = [r.final.get("val_acc", math.nan) for r in by_lr[lr]]

@@ -15,8 +15,10 @@ INCONCLUSIVE = "INCONCLUSIVE"
 def t_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float, float]:
     """Return ``(mean, low, high)``: the mean and its Student-t confidence interval.
 
-    With one value, or values that are all equal, the interval has zero width: the seeds
-    agree, and the grid's resolution is the only uncertainty left, which the claims state.
+    One value gives the interval (-inf, inf), because a single seed says nothing about the
+    spread, so :func:`decide` returns INCONCLUSIVE. Equal values give a zero-width
+    interval: the seeds agree, and the resolution of the grid that the claims state is the
+    only uncertainty left.
     """
     values = [float(v) for v in values]
     if not values:
@@ -24,7 +26,7 @@ def t_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float
     n = len(values)
     mean = sum(values) / n
     if n == 1:
-        return mean, mean, mean
+        return mean, -math.inf, math.inf
     sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
     half = stats.t.ppf(0.5 + confidence / 2, n - 1) * sd / math.sqrt(n)
     return mean, mean - half, mean + half

@@ -128,7 +128,7 @@ def load_cifar10(data_dir: Path, download: bool = False) -> ClassificationData:
         f"no complete CIFAR-10 copy found in {data_dir}. Searched {searched} for "
         f"{BATCHES_FOLDER}/ with {expected}, for {ARCHIVE_NAME}, or for npz files "
         f"matching {' and '.join(NPZ_PATTERNS)}. Copy them into {data_dir}, or use "
-        f"download=True to download {ARCHIVE_NAME}"
+        f"--download (download=True) to download {ARCHIVE_NAME}"
     )
 
 
@@ -237,12 +237,12 @@ def _load_from_archive(folder: Path) -> ClassificationData:
     except KeyError as error:
         raise DataError(
             f"{archive} has no file {error.args[0]}; the archive is not the CIFAR-10 "
-            f"python distribution, so delete it and download it again (download=True)"
+            f"python distribution, so delete it and download it again (--download or download=True)"
         ) from error
     except (tarfile.TarError, OSError, EOFError, zlib.error) as error:
         raise DataError(
             f"cannot read {archive}: {error}; the archive is corrupt, so delete it and "
-            f"download it again (download=True)"
+            f"download it again (--download or download=True)"
         ) from error
     return _build(
         _concatenate([batches[name] for name in TRAIN_BATCHES]),

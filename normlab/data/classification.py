@@ -145,7 +145,7 @@ def resolve_data_dir(
         if not download:
             raise DataError(
                 f"{name} needs a data folder: pass --data-dir DIR (data_dir=DIR) with "
-                f"the {name} files, or use download=True to download them into "
+                f"the {name} files, or use --download (download=True) to download them into "
                 f"{default_data_dir()}"
             )
         data_dir = default_data_dir()
@@ -160,7 +160,7 @@ def resolve_data_dir(
     if not download:
         raise DataError(
             f"data folder {folder} not found; pass an existing folder with the {name} "
-            f"files with --data-dir DIR, or use download=True to create it and "
+            f"files with --data-dir DIR, or use --download (download=True) to create it and "
             f"download {name}"
         )
     folder.mkdir(parents=True, exist_ok=True)

@@ -42,7 +42,7 @@ def verify_md5(path: Path, expected: str) -> None:
         raise DataError(
             f"checksum mismatch for {path}: expected md5 {expected}, got {actual}; "
             f"the file is corrupt or not the original distribution file, so delete it "
-            f"and download it again (download=True) or replace it with the original"
+            f"and download it again (--download or download=True) or replace it with the original"
         )
 
 

@@ -85,7 +85,7 @@ def load_mnist(data_dir: Path, download: bool = False) -> ClassificationData:
         f"no complete MNIST copy found in {data_dir}. Searched {searched} for the four "
         f"idx files ({', '.join(f'{stem}.gz' for stem in MNIST_MD5)}, gzip or "
         f"uncompressed) or the npz pair ({', '.join(MNIST_NPZ)}). Copy them into "
-        f"{data_dir}, or use download=True to download the idx files"
+        f"{data_dir}, or use --download (download=True) to download the idx files"
     )
 
 
@@ -114,7 +114,7 @@ def read_idx(path: Path, ndim: int) -> np.ndarray:
     Raises:
         DataError: for a wrong magic number or a truncated or corrupt file.
     """
-    fix = "delete it and download it again (download=True) or copy in the original"
+    fix = "delete it and download it again (--download or download=True) or copy in the original"
     try:
         if path.suffix == ".gz":
             with gzip.open(path, "rb") as stream:

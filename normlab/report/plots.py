@@ -23,7 +23,7 @@ def lr_sweep(table: dict, conditions, threshold: float, title: str, path: Path) 
     mark diverged runs at the bottom of the axis.
     """
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for color, (name, label) in zip(COLORS, conditions):
+    for index, (color, (name, label)) in enumerate(zip(COLORS, conditions)):
         lrs = sorted({lr for (n, lr, _) in table if n == name})
         means = []
         for lr in lrs:
@@ -33,11 +33,12 @@ def lr_sweep(table: dict, conditions, threshold: float, title: str, path: Path) 
             ax.scatter([lr] * len(finite), finite, color=color, s=10, alpha=0.5)
             diverged = len(accs) - len(finite)
             if diverged:
-                ax.scatter([lr], [0.0], marker="x", color=color, s=40)
+                # one row of crosses per condition, so they do not hide each other
+                ax.scatter([lr], [-0.03 * index], marker="x", color=color, s=40)
         ax.plot(lrs, means, "-o", color=color, label=label, markersize=4)
     ax.axhline(threshold, color="gray", linestyle="--", linewidth=1, label="trains threshold")
     ax.set_xscale("log")
-    ax.set_ylim(-0.03, 1.02)
+    ax.set_ylim(-0.03 * len(conditions) - 0.02, 1.02)
     ax.set_xlabel("learning rate (log scale)")
     ax.set_ylabel("final validation accuracy")
     ax.set_title(title, fontsize=10)
@@ -68,10 +69,10 @@ def curves_by_lr(records, conditions, title: str, path: Path) -> Path:
         plt.Line2D([], [], color=cmap(i / max(1, len(lrs) - 1)), label=f"lr {lr:.3g}")
         for i, lr in enumerate(lrs)
     ]
-    axes[0][-1].legend(handles=handles, fontsize=7, loc="lower right",
-                       title="diverged runs have no line", title_fontsize=7)
+    fig.legend(handles=handles, fontsize=7, loc="center right",
+               title="diverged runs\nhave no line", title_fontsize=7)
     fig.suptitle(title, fontsize=10)
-    return _save(fig, path)
+    return _save(fig, path, rect=(0, 0, 0.87, 1))
 
 
 def accuracy_curves(selected, target: float, title: str, path: Path) -> Path:
@@ -111,10 +112,10 @@ def _mean_curve(runs):
     return steps, values.mean(axis=0)
 
 
-def _save(fig, path: Path) -> Path:
+def _save(fig, path: Path, rect=None) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
+    fig.tight_layout(rect=rect)
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
     return path

@@ -170,3 +170,35 @@ def test_claims_share_runs():
     higher = {c.key() for c in get_claim("higher-lr").configs(ctx)}
     faster = {c.key() for c in get_claim("faster-convergence").configs(ctx)}
     assert faster <= higher
+
+
+def test_t_interval_of_one_value_is_unbounded():
+    assert t_interval([0.7]) == (0.7, -math.inf, math.inf)
+
+
+def test_higher_lr_one_seed_is_inconclusive():
+    verdict = get_claim("higher-lr").decide(
+        context(seeds=1), higher_lr_records([1.0], [0.1], seeds=1)
+    )
+    assert verdict.verdict == INCONCLUSIVE
+    assert verdict.effect == pytest.approx(1.0)
+
+
+def test_faster_convergence_ignores_runs_that_diverged():
+    records = convergence_records([50, 50, 50], [60, 60, 60])
+    # at lr 1 BatchNorm reaches the target at step 10, then diverges
+    for r in records.values():
+        if r.config.norm == "batchnorm" and r.config.lr == 1.0:
+            r.history = curve(10)
+            r.status = "diverged"
+    verdict = get_claim("faster-convergence").decide(context(), records)
+    assert verdict.details["best_lr"]["batchnorm"] == 0.1
+    assert verdict.effect == pytest.approx(1.2)
+
+
+def test_faster_convergence_unresolved_at_first_evaluation():
+    verdict = get_claim("faster-convergence").decide(
+        context(), convergence_records([10, 10, 10], [60, 70, 90])
+    )
+    assert verdict.verdict == INCONCLUSIVE
+    assert "first evaluation (step 10)" in verdict.summary
