@@ -203,6 +203,11 @@ class _BatchNormFunction(torch.autograd.Function):
     :func:`_batch_statistics`) and ``invstd``, from which ``xhat = (x - mean) *
     invstd``. Eval saves the input and the running statistics. The backward computes
     dx, dweight and dbias from them in closed form.
+
+    NOTE: the backward is once-differentiable, so a second backward (a gradient penalty,
+    ``gradgradcheck``), forward-mode AD and ``torch.func.vmap`` raise, where
+    ``torch.nn.BatchNorm*d`` supports them. Use ``create_norm("torch-batchnorm", ...)``
+    for those.
     """
 
     @staticmethod
