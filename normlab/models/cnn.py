@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from ..nn.factory import NormSpec, create_norm, uses_bias, wrap_layer
+from .mlp import reject_instancenorm
 
 
 class CNN(nn.Module):
@@ -42,6 +43,7 @@ class CNN(nn.Module):
         hidden: int = 256,
     ) -> None:
         super().__init__()
+        reject_instancenorm(norm, "CNN")
         if image_size < 4 or image_size % 4:
             raise ValueError(f"image_size must be a multiple of 4, got {image_size}")
         self.in_channels = in_channels
@@ -75,3 +77,4 @@ class CNN(nn.Module):
                 f" got {tuple(x.shape)}; set in_channels and image_size to match the data"
             )
         return self.classifier(self.features(x))
+

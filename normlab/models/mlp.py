@@ -7,7 +7,7 @@ from typing import Sequence, Union
 import torch
 from torch import nn
 
-from ..nn.factory import NormSpec, create_norm, uses_bias, wrap_layer
+from ..nn.factory import NormSpec, create_norm, resolve_norm_name, uses_bias, wrap_layer
 
 _ACTIVATIONS = {"relu": nn.ReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh}
 
@@ -47,6 +47,7 @@ class MLP(nn.Module):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
+        reject_instancenorm(norm, "MLP")
         widths = [hidden, hidden] if isinstance(hidden, int) else list(hidden)
         if not widths or any(int(w) < 1 for w in widths):
             raise ValueError(f"hidden widths must be positive integers, got {hidden!r}")
@@ -77,3 +78,12 @@ class MLP(nn.Module):
                 f"{tuple(x.shape)} with {x[0].numel()}; set in_features to match the data"
             )
         return self.layers(x)
+
+
+def reject_instancenorm(norm, model_name: str) -> None:
+    """Raise ``ValueError`` when ``norm`` is instancenorm, which needs positions."""
+    if isinstance(norm, str) and resolve_norm_name(norm) == "instancenorm":
+        raise ValueError(
+            f"{model_name} normalizes (N, C) features that have no positions, so "
+            "instancenorm cannot normalize them; use layernorm or groupnorm"
+        )

@@ -87,6 +87,11 @@ def _convert_layer(old: nn.Module, dims: int, to: NormSpec, kwargs: dict) -> nn.
         new = new.to(device=device, dtype=dtype)
     if _batchnorm_dims(new) is not None:
         _copy_batchnorm_state(old, new)
+    # a parameter frozen with requires_grad_(False) stays frozen
+    for name, parameter in new.named_parameters(recurse=False):
+        source = getattr(old, name, None)
+        if isinstance(source, torch.Tensor):
+            parameter.requires_grad_(source.requires_grad)
     new.train(old.training)
     return new
 

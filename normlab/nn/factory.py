@@ -92,13 +92,13 @@ def uses_bias(norm: NormSpec) -> bool:
     """Return True when a conv or linear layer followed by ``norm`` should keep its bias.
 
     A normalization that subtracts a mean and adds its own shift makes the bias of the layer
-    before it redundant. "none" and "weightnorm" do not subtract a mean, and the shift of
-    "frozen-batchnorm" is a fixed buffer, so those keep the bias. An unknown callable is
-    given the benefit of the doubt and keeps it too.
+    before it redundant. "none" and "weightnorm" do not subtract a mean, so those keep
+    the bias. "frozen-batchnorm" drops it like "batchnorm", so that a model built with
+    either loads the other's checkpoint. An unknown callable keeps the bias.
     """
     if not isinstance(norm, str):
         return True
-    return resolve_norm_name(norm) in ("none", "weightnorm", "frozen-batchnorm")
+    return resolve_norm_name(norm) in ("none", "weightnorm")
 
 
 def wrap_layer(layer: nn.Module, norm: NormSpec) -> nn.Module:
@@ -137,7 +137,11 @@ def _layernorm(num_features: int, dims: int, **kwargs) -> nn.Module:
 
 @register_norm("groupnorm")
 def _groupnorm(num_features: int, dims: int, **kwargs) -> nn.Module:
-    # num_groups defaults to the largest divisor of num_features that is at most 32.
+    # num_groups defaults to the largest divisor of num_features that is at most 32. For
+    # dims=1 the features may be (N, C) with no positions, where a group of one or two
+    # values normalizes to a constant or a sign, so each group gets at least 16 features.
+    if dims == 1 and kwargs.get("num_groups") is None:
+        kwargs["num_groups"] = norms.default_num_groups(num_features, min_group_size=16)
     return norms.GroupNorm(num_features, **kwargs)
 
 

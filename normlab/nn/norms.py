@@ -60,16 +60,18 @@ def _check_num_channels(layer_name: str, num_channels: int, input: Tensor) -> No
         )
 
 
-def default_num_groups(num_channels: int) -> int:
+def default_num_groups(num_channels: int, min_group_size: int = 1) -> int:
     """Return the largest divisor of ``num_channels`` that is at most 32.
 
     This is 32 when ``num_channels`` is a multiple of 32, ``num_channels`` itself when
     it is at most 32, and otherwise the largest divisor below 32, for example 24 for 48
-    channels or 25 for 100 channels.
+    channels or 25 for 100 channels. ``min_group_size`` caps the number of groups at
+    ``num_channels // min_group_size``, so every group holds at least that many channels.
     """
     if num_channels < 1:
         raise ValueError(f"num_channels must be a positive integer, got {num_channels}")
-    for num_groups in range(min(num_channels, _MAX_DEFAULT_GROUPS), 0, -1):
+    largest = min(num_channels, _MAX_DEFAULT_GROUPS, max(1, num_channels // min_group_size))
+    for num_groups in range(largest, 0, -1):
         if num_channels % num_groups == 0:
             return num_groups
     raise AssertionError("1 divides every positive integer")

@@ -163,7 +163,8 @@ def test_convert_passes_kwargs():
 
 def test_convert_default_groupnorm_groups():
     model = nlnn.convert_norm(SmallCNN("torch-batchnorm"), "groupnorm")
-    assert [layer.num_groups for layer in norm_layers(model)] == [8, 16, 12]
+    # the last layer normalizes 12 (N, C) features, so it gets one group of 12
+    assert [layer.num_groups for layer in norm_layers(model)] == [8, 16, 1]
 
 
 def test_convert_inherits_batchnorm_hyperparameters():

@@ -203,11 +203,21 @@ def test_create_norm_name_spellings():
 
 
 def test_uses_bias_for_new_norms():
-    # a fixed or absent shift leaves the bias of the layer before it useful
-    for name in ("weightnorm", "frozen-batchnorm"):
-        assert factory.uses_bias(name), name
-    for name in ("layernorm", "groupnorm", "instancenorm"):
+    assert factory.uses_bias("weightnorm")
+    # frozen-batchnorm drops the bias like batchnorm, so checkpoints load both ways
+    for name in ("frozen-batchnorm", "layernorm", "groupnorm", "instancenorm"):
         assert not factory.uses_bias(name), name
+
+
+@pytest.mark.parametrize("features, groups", [(20, 1), (32, 2), (64, 4), (100, 5), (256, 16)])
+def test_groupnorm_on_features_keeps_groups_large(features, groups):
+    layer = nlnn.create_norm("groupnorm", features, dims=1)
+    assert layer.num_groups == groups
+    x = torch.randn(8, features, requires_grad=True)
+    layer(x).square().mul(torch.randn(8, features)).sum().backward()
+    # a group of one feature would make every output equal to the bias
+    assert x.grad.abs().sum() > 0
+    assert not torch.allclose(layer(x)[0], layer(x)[1])
 
 
 def test_weightnorm_slot_is_identity():
