@@ -559,8 +559,10 @@ def add_noise(img: np.ndarray, sigma: float, seed: int) -> torch.Tensor:
         - img: (H, W) or (H, W, C).
         - output: (1, H, W) or (C, H, W), float32.
     """
-    if not sigma >= 0:
-        raise ValueError(f"sigma must be non-negative, got {sigma!r}")
+    if not (sigma >= 0 and np.isfinite(sigma)):
+        raise ValueError(f"sigma must be a finite non-negative number, got {sigma!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise ValueError(f"seed must be an integer, got {seed!r}; the noise would not repeat")
     clean = image_to_tensor(img)
     rng = np.random.default_rng(seed)
     noise = rng.standard_normal(tuple(clean.shape), dtype=np.float32)
@@ -698,10 +700,10 @@ class DenoisePatches(_PatchDataset):
         low, high = (sigma, sigma) if np.isscalar(sigma) else (None, None)
         if not np.isscalar(sigma) and len(sigma) == 2:
             low, high = sigma
-        if low is None or not 0 <= low <= high:
+        if low is None or not (0 <= low <= high and np.isfinite(high)):
             raise ValueError(
-                f"sigma must be non-negative, or a (low, high) range with "
-                f"0 <= low <= high, got {sigma!r}"
+                f"sigma must be a finite non-negative number, or a (low, high) range "
+                f"with 0 <= low <= high < inf, got {sigma!r}"
             )
         self.patch_size = int(patch_size)
         self.sigma = sigma

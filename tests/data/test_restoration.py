@@ -531,7 +531,7 @@ def test_add_noise_deterministic_and_unclipped():
     assert float(noise.std()) == pytest.approx(25, rel=0.05)
     assert float(first.max()) > 1.0
     assert torch.equal(add_noise(image, 0, seed=3), image_to_tensor(image))
-    with pytest.raises(ValueError, match="sigma must be non-negative"):
+    with pytest.raises(ValueError, match="sigma must be a finite non-negative"):
         add_noise(image, -1, seed=0)
 
 
@@ -788,3 +788,14 @@ def test_sr_with_image_set(no_network):
     lr, hr = patches[1]
     assert tuple(hr.shape) == (3, 48, 48)
     assert patches.location(1).image == 1
+
+
+@pytest.mark.parametrize("sigma", [float("inf"), float("nan"), -1.0])
+def test_add_noise_rejects_bad_sigma(sigma):
+    with pytest.raises(ValueError, match="sigma must be a finite non-negative number"):
+        add_noise(np.zeros((4, 4), np.uint8), sigma, 0)
+
+
+def test_add_noise_rejects_missing_seed():
+    with pytest.raises(ValueError, match="seed must be an integer, got None"):
+        add_noise(np.zeros((4, 4), np.uint8), 25, None)
