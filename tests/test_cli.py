@@ -43,7 +43,7 @@ def test_help_shows_defaults_and_units(capsys):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--claims", "ics"], "unknown claim 'ics'"),
+        (["--claims", "bn-is-magic"], "unknown claim 'bn-is-magic'"),
         (["--seeds", "0"], "expected a positive integer, got 0"),
         (["--dataset", "imagenet"], "invalid choice: 'imagenet'"),
         (["--quick", "--full"], "not allowed with argument"),
@@ -87,7 +87,8 @@ def test_verify_out_is_a_file(capsys, tmp_path):
 
 def test_verify_end_to_end_and_resume(tiny_budget, tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
-    argv = ["verify", "--out", str(out), "--seeds", "2", "--no-progress"]
+    argv = ["verify", "--claims", "higher-lr,faster-convergence", "--out", str(out),
+            "--seeds", "2", "--no-progress"]
     assert run_cli(*argv) == 0
     printed = capsys.readouterr().out
     assert "higher-lr" in printed and "faster-convergence" in printed

@@ -4,11 +4,25 @@ from __future__ import annotations
 
 from .base import Claim, StudyContext, Verdict
 from .faster_convergence import FasterConvergence
+from .gan_weightnorm import GANWeightNorm
 from .higher_lr import HigherLearningRate
+from .init_insensitivity import InitInsensitivity
+from .layer_order import LayerOrder
+from .momentum_eps import MomentumEps
+from .regularization import Regularization
 from .stats import INCONCLUSIVE, NOT_SUPPORTED, SUPPORTED
 
 CLAIMS: dict[str, type[Claim]] = {
-    cls.id: cls for cls in (HigherLearningRate, FasterConvergence)
+    cls.id: cls
+    for cls in (
+        HigherLearningRate,
+        FasterConvergence,
+        InitInsensitivity,
+        Regularization,
+        LayerOrder,
+        MomentumEps,
+        GANWeightNorm,
+    )
 }
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -10,17 +10,21 @@ from torch import nn
 from ..nn.factory import NormSpec, create_norm, resolve_norm_name, uses_bias, wrap_layer
 
 _ACTIVATIONS = {"relu": nn.ReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh}
+ORDERS = ("norm-act", "act-norm")
+DROPOUT_POSITIONS = ("before", "after")
 
 
 class MLP(nn.Module):
     """Fully connected classifier with a normalization after every hidden linear layer.
 
-    Each hidden block is ``Linear -> norm -> activation`` (then dropout when ``dropout > 0``);
-    the output layer has no normalization. A linear layer followed by a normalization has
-    no bias, because the normalization's shift makes it redundant. The exceptions are
-    the normalizations for which ``uses_bias(norm)`` is True ("none", "weightnorm" and
-    callables). ``wrap_layer`` applies weight normalization to the hidden linear layers
-    when ``norm="weightnorm"``.
+    Each hidden block is ``Linear -> norm -> activation`` (``order="norm-act"``) or
+    ``Linear -> activation -> norm`` (``order="act-norm"``), with dropout when
+    ``dropout > 0``; the output layer has no normalization. A linear layer directly
+    followed by a normalization has no bias, because the normalization's shift makes it
+    redundant. The exceptions are the normalizations for which ``uses_bias(norm)`` is
+    True ("none", "weightnorm" and callables). In ``"act-norm"`` order the activation
+    sits between them, so the linear layer keeps its bias. ``wrap_layer`` applies weight
+    normalization to the hidden linear layers when ``norm="weightnorm"``.
 
     Args:
         in_features (int): size of each flattened input sample.
@@ -30,7 +34,14 @@ class MLP(nn.Module):
         norm (str or callable): normalization after each hidden linear layer, a name from
             ``normlab.nn.NORMS`` or a callable ``norm(num_features)``. Default: ``"batchnorm"``.
         activation (str): ``"relu"``, ``"sigmoid"`` or ``"tanh"``. Default: ``"relu"``.
-        dropout (float): dropout probability after each hidden activation. Default: 0.
+        dropout (float): dropout probability in each hidden block. Default: 0.
+        order (str): ``"norm-act"`` or ``"act-norm"``, see above.
+            Default: ``"norm-act"``.
+        dropout_position (str): ``"before"`` puts dropout directly before the
+            normalization. ``"after"`` puts it at the end of the block, which is after
+            the activation in ``"norm-act"`` order. Default: ``"after"``.
+        norm_kwargs (dict, optional): keyword arguments of every normalization layer,
+            such as ``eps`` or ``momentum``. Default: None.
 
     Shape:
         - Input: ``(N, *)`` with ``in_features`` elements per sample.
@@ -45,6 +56,9 @@ class MLP(nn.Module):
         norm: NormSpec = "batchnorm",
         activation: str = "relu",
         dropout: float = 0.0,
+        order: str = "norm-act",
+        dropout_position: str = "after",
+        norm_kwargs: Optional[dict] = None,
     ) -> None:
         super().__init__()
         reject_instancenorm(norm, "MLP")
@@ -57,16 +71,28 @@ class MLP(nn.Module):
             )
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if order not in ORDERS:
+            raise ValueError(f"unknown order {order!r}; valid: {', '.join(ORDERS)}")
+        if dropout_position not in DROPOUT_POSITIONS:
+            raise ValueError(
+                f"unknown dropout_position {dropout_position!r}; "
+                f"valid: {', '.join(DROPOUT_POSITIONS)}"
+            )
+
         self.in_features = in_features
-        bias = uses_bias(norm)
+        bias = uses_bias(norm) or order == "act-norm"
         layers: list[nn.Module] = [nn.Flatten()]
         width_in = in_features
         for width in widths:
             layers.append(wrap_layer(nn.Linear(width_in, width, bias=bias), norm))
-            layers.append(create_norm(norm, width, dims=1))
-            layers.append(_ACTIVATIONS[activation]())
+            norm_layer = create_norm(norm, width, dims=1, **(norm_kwargs or {}))
+            block = [norm_layer, _ACTIVATIONS[activation]()]
+            if order == "act-norm":
+                block.reverse()
             if dropout > 0:
-                layers.append(nn.Dropout(dropout))
+                index = block.index(norm_layer) if dropout_position == "before" else 2
+                block.insert(index, nn.Dropout(dropout))
+            layers.extend(block)
             width_in = width
         layers.append(nn.Linear(width_in, out_features))
         self.layers = nn.Sequential(*layers)

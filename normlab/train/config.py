@@ -9,11 +9,14 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar
 
+from ..models.mlp import DROPOUT_POSITIONS, ORDERS
 from ..nn.factory import resolve_norm_name
 
 MODELS = ("mlp", "cnn")
 OPTIMIZERS = ("sgd", "adam")
 ACTIVATIONS = ("relu", "sigmoid", "tanh")
+# fields that the CNN, which builds its blocks in one fixed layout, cannot honour
+MLP_ONLY_FIELDS = ("order", "dropout", "dropout_position", "norm_momentum", "norm_eps")
 
 
 @dataclass(frozen=True)
@@ -30,12 +33,29 @@ class TrainConfig:
         norm: normalization name, see ``normlab.nn.NORMS``.
         hidden: widths of the MLP's hidden layers (ignored by the CNN).
         activation: hidden activation of the MLP.
+        order: position of the normalization in each hidden MLP block: ``"norm-act"``
+            for ``Linear -> norm -> activation``, ``"act-norm"`` for
+            ``Linear -> activation -> norm``.
+        dropout: dropout probability in each hidden MLP block, in [0, 1).
+        dropout_position: ``"before"`` puts dropout directly before the normalization.
+            ``"after"`` puts it at the end of the block, which is after the activation
+            in ``"norm-act"`` order and after the normalization in ``"act-norm"`` order.
+        init_scale: factor that multiplies the weight of every linear and convolution
+            layer after PyTorch's default initialization (biases are left as they are).
+        norm_momentum: ``momentum`` of the normalization layers that track running
+            statistics, in PyTorch's convention ``running = (1 - momentum) * running +
+            momentum * batch``, so 0.1 here is 0.9 in Keras and TensorFlow; None keeps a
+            cumulative average. Ignored by normalizations without running statistics.
+        norm_eps: ``eps`` added to the variance by the normalization layers that take
+            one. Ignored by "none" and "weightnorm".
         optimizer: ``"sgd"`` (with ``momentum``) or ``"adam"``.
         lr: learning rate.
         momentum: SGD momentum (ignored by Adam).
         weight_decay: L2 penalty added by the optimizer.
         batch_size: samples per step.
         epochs: passes over the training split.
+        train_size: number of leading samples of the training split to train on, None
+            for all. The final training metrics are measured on those samples.
         eval_every: steps between evaluations on the validation split.
         seed: seeds the weight initialization, the data order and dropout.
         diverge_loss: a training loss above this (or NaN/Inf) stops the run as diverged.
@@ -49,12 +69,19 @@ class TrainConfig:
     norm: str = "batchnorm"
     hidden: tuple[int, ...] = (100, 100)
     activation: str = "relu"
+    order: str = "norm-act"
+    dropout: float = 0.0
+    dropout_position: str = "after"
+    init_scale: float = 1.0
+    norm_momentum: float | None = 0.1
+    norm_eps: float = 1e-5
     optimizer: str = "sgd"
     lr: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 0.0
     batch_size: int = 64
     epochs: int = 10
+    train_size: int | None = None
     eval_every: int = 10
     seed: int = 0
     diverge_loss: float = 1e3
@@ -84,6 +111,37 @@ class TrainConfig:
             raise ValueError(f"hidden widths must be positive, got {self.hidden}")
         if not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+        self._validate_architecture()
+        if self.train_size is not None and (
+            not isinstance(self.train_size, int) or self.train_size < 2
+        ):
+            raise ValueError(
+                f"train_size must be None or an integer >= 2, got {self.train_size!r}"
+            )
+
+    def _validate_architecture(self) -> None:
+        _choice("order", self.order, ORDERS)
+        _choice("dropout_position", self.dropout_position, DROPOUT_POSITIONS)
+        if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        _positive_finite("init_scale", self.init_scale)
+        _positive_finite("norm_eps", self.norm_eps)
+        if self.norm_momentum is not None and not (
+            isinstance(self.norm_momentum, (int, float))
+            and 0.0 <= self.norm_momentum <= 1.0
+        ):
+            raise ValueError(
+                f"norm_momentum must be None or in [0, 1], got {self.norm_momentum!r}"
+            )
+        if self.model != "mlp":
+            defaults = {f.name: f.default for f in dataclasses.fields(self)}
+            for name in MLP_ONLY_FIELDS:
+                default = defaults[name]
+                if getattr(self, name) != default:
+                    raise ValueError(
+                        f"{name}={getattr(self, name)!r} applies to model 'mlp' only, "
+                        f"got model {self.model!r}; leave {name} at {default!r}"
+                    )
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)

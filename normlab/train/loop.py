@@ -11,6 +11,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 from ..models import CNN, MLP
 from .config import TrainConfig
@@ -21,6 +22,28 @@ FINISHED = "finished"
 DIVERGED = "diverged"
 
 EVAL_CHUNK = 2048
+
+SCALED_LAYERS = (
+    nn.Linear,
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
+)
+
+# The constructor arguments of each normalization, out of TrainConfig's norm_momentum
+# (passed as ``momentum``) and norm_eps (passed as ``eps``). A normalization missing
+# here gets neither.
+NORM_OPTIONS = {
+    "batchnorm": ("momentum", "eps"),
+    "torch-batchnorm": ("momentum", "eps"),
+    "frozen-batchnorm": ("eps",),
+    "layernorm": ("eps",),
+    "groupnorm": ("eps",),
+    "instancenorm": ("eps",),
+}
 
 
 @dataclass
@@ -33,6 +56,7 @@ class RunResult:
         diverged_step: the step whose loss was NaN/Inf or above ``diverge_loss``, else None.
         final: final metrics, ``train_loss``, ``train_acc``, ``val_loss``, ``val_acc``,
             ``test_loss``, ``test_acc`` (NaN for a diverged run) and ``best_val_acc``.
+            The train metrics cover the samples the run trained on (see ``train_size``).
         history: one row per evaluation: ``step``, ``epoch``, ``train_loss`` (mean over the
             steps since the previous row), ``val_loss``, ``val_acc``.
         step_loss: the training loss of every step.
@@ -49,18 +73,55 @@ class RunResult:
 
 
 def build_model(config: TrainConfig, data) -> nn.Module:
-    """Build the model that ``config`` names, sized for ``data``."""
+    """Build the model that ``config`` names, sized for ``data``.
+
+    The weights get PyTorch's default initialization, then :func:`scale_weights`
+    multiplies them by ``config.init_scale``.
+    """
     if config.model == "mlp":
-        return MLP(
+        model = MLP(
             data.in_features,
             config.hidden,
             data.num_classes,
             norm=config.norm,
             activation=config.activation,
+            dropout=config.dropout,
+            order=config.order,
+            dropout_position=config.dropout_position,
+            norm_kwargs=norm_kwargs(config),
         )
-    return CNN(
-        data.in_channels, data.num_classes, data.image_size, norm=config.norm
-    )
+    else:
+        model = CNN(
+            data.in_channels, data.num_classes, data.image_size, norm=config.norm
+        )
+    scale_weights(model, config.init_scale)
+    return model
+
+
+def norm_kwargs(config: TrainConfig) -> dict:
+    """Return the ``momentum`` and ``eps`` that the config's normalization accepts."""
+    values = {"momentum": config.norm_momentum, "eps": config.norm_eps}
+    return {name: values[name] for name in NORM_OPTIONS.get(config.norm, ())}
+
+
+@torch.no_grad()
+def scale_weights(model: nn.Module, scale: float) -> None:
+    """Multiply the weight of every linear and convolution layer by ``scale``.
+
+    Biases and normalization parameters are left as they are. A weight-normalized layer
+    is assigned the scaled weight, so its length ``g`` scales and its direction ``v``
+    keeps its direction.
+    """
+    if scale == 1.0:
+        return
+    for module in model.modules():
+        kind = parametrize.type_before_parametrizations(module)
+        if not issubclass(kind, SCALED_LAYERS):
+            continue
+        if parametrize.is_parametrized(module, "weight"):
+            module.weight = module.weight * scale
+        else:
+            module.weight.mul_(scale)
 
 
 def build_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -124,7 +185,8 @@ def _train(config, data, device, on_step) -> RunResult:
     optimizer = build_optimizer(config, model)
     order_generator = torch.Generator().manual_seed(config.seed)
 
-    train_x, train_y = data.train.x.to(device), data.train.y.to(device)
+    train_x, train_y = _training_samples(config, data)
+    train_x, train_y = train_x.to(device), train_y.to(device)
     val_x, val_y = data.val.x.to(device), data.val.y.to(device)
     num_train = len(train_x)
     # a last batch of one sample has no batch statistics, so it is dropped
@@ -175,7 +237,12 @@ def _train(config, data, device, on_step) -> RunResult:
         if diverged_step is not None:
             break
 
-    final = _final_metrics(model, data, device, diverged_step is not None)
+    splits = {
+        "train": (train_x, train_y),
+        "val": (val_x, val_y),
+        "test": (data.test.x.to(device), data.test.y.to(device)),
+    }
+    final = _final_metrics(model, splits, diverged_step is not None)
     final["best_val_acc"] = best_val_acc
     status = DIVERGED if diverged_step is not None else FINISHED
     if diverged_step is not None:
@@ -204,14 +271,26 @@ def _evaluation_row(model, step, epoch, step_loss, history, val_x, val_y) -> dic
     }
 
 
-def _final_metrics(model, data, device, diverged: bool) -> dict:
+def _training_samples(config: TrainConfig, data) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return the training split, cut to its first ``config.train_size`` samples."""
+    x, y = data.train.x, data.train.y
+    if config.train_size is None:
+        return x, y
+    if config.train_size > len(x):
+        raise ValueError(
+            f"train_size {config.train_size} exceeds the {len(x)} training samples of "
+            f"{config.dataset}; use at most {len(x)} or None"
+        )
+    return x[: config.train_size], y[: config.train_size]
+
+
+def _final_metrics(model, splits: dict, diverged: bool) -> dict:
     final = {}
-    for split in ("train", "val", "test"):
+    for split, (x, y) in splits.items():
         if diverged:
             loss, acc = math.nan, math.nan
         else:
-            part = getattr(data, split)
-            loss, acc = evaluate(model, part.x.to(device), part.y.to(device))
+            loss, acc = evaluate(model, x, y)
         final[f"{split}_loss"] = loss
         final[f"{split}_acc"] = acc
     return final

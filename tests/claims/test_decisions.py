@@ -161,8 +161,8 @@ def test_faster_convergence_inconclusive_when_nothing_reaches_target():
 
 
 def test_unknown_claim_lists_ids():
-    with pytest.raises(ValueError, match="unknown claim 'ics'.*higher-lr"):
-        get_claim("ics")
+    with pytest.raises(ValueError, match="unknown claim 'bn-is-magic'.*higher-lr"):
+        get_claim("bn-is-magic")
 
 
 def test_claims_share_runs():
