@@ -5,11 +5,14 @@ from __future__ import annotations
 from .base import Claim, StudyContext, Verdict
 from .faster_convergence import FasterConvergence
 from .gan_weightnorm import GANWeightNorm
+from .gradient_stability import GradientStability
 from .higher_lr import HigherLearningRate
+from .ics import InternalCovariateShift
 from .init_insensitivity import InitInsensitivity
 from .layer_order import LayerOrder
 from .momentum_eps import MomentumEps
 from .regularization import Regularization
+from .smoothness import Smoothness
 from .stats import INCONCLUSIVE, NOT_SUPPORTED, SUPPORTED
 
 CLAIMS: dict[str, type[Claim]] = {
@@ -22,6 +25,9 @@ CLAIMS: dict[str, type[Claim]] = {
         LayerOrder,
         MomentumEps,
         GANWeightNorm,
+        InternalCovariateShift,
+        Smoothness,
+        GradientStability,
     )
 }
 

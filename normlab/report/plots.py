@@ -368,3 +368,40 @@ def depth_lines(panels, ylabel: str, title: str, path: Path) -> Path:
     axes[0][0].set_ylabel(ylabel)
     fig.suptitle(title, fontsize=10)
     return _save(fig, path)
+
+
+def setting_lines(panels, xlabel: str, title: str, path: Path) -> Path:
+    """Plot values against a numeric setting on a linear axis, one panel per metric.
+
+    ``panels`` is a list of ``(panel title, y label, lines, reference)``. ``lines`` is
+    a list of ``(label, color, {setting: [value per seed]})``; the line joins the means
+    over seeds and the dots are single seeds, and a setting without values is skipped.
+    ``reference`` is ``(value, label)`` for a dashed horizontal line, or None. Each
+    panel scales its own y axis.
+    """
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.9),
+                             squeeze=False)
+    for ax, (panel_title, ylabel, lines, reference) in zip(axes[0], panels):
+        for label, color, by_setting in lines:
+            settings, means = [], []
+            for setting in sorted(by_setting):
+                values = [v for v in by_setting[setting] if math.isfinite(v)]
+                if not values:
+                    continue
+                ax.scatter([setting] * len(values), values, color=color, s=12,
+                           alpha=0.5)
+                settings.append(setting)
+                means.append(float(np.mean(values)))
+            if settings:
+                ax.plot(settings, means, "-o", color=color, markersize=4, label=label)
+        if reference is not None:
+            value, reference_label = reference
+            ax.axhline(value, color="gray", linestyle="--", linewidth=1,
+                       label=reference_label)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel, fontsize=8)
+        ax.set_title(panel_title, fontsize=9)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
