@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from .base import Claim, StudyContext, Verdict
+from .batch_size import BatchSize
+from .dropout import Dropout
 from .faster_convergence import FasterConvergence
 from .gan_weightnorm import GANWeightNorm
 from .gradient_stability import GradientStability
@@ -14,6 +16,7 @@ from .momentum_eps import MomentumEps
 from .regularization import Regularization
 from .smoothness import Smoothness
 from .stats import INCONCLUSIVE, NOT_SUPPORTED, SUPPORTED
+from .weightnorm_generalization import WeightNormGeneralization
 
 CLAIMS: dict[str, type[Claim]] = {
     cls.id: cls
@@ -28,6 +31,9 @@ CLAIMS: dict[str, type[Claim]] = {
         InternalCovariateShift,
         Smoothness,
         GradientStability,
+        BatchSize,
+        Dropout,
+        WeightNormGeneralization,
     )
 }
 

@@ -374,10 +374,10 @@ def setting_lines(panels, xlabel: str, title: str, path: Path) -> Path:
     """Plot values against a numeric setting on a linear axis, one panel per metric.
 
     ``panels`` is a list of ``(panel title, y label, lines, reference)``. ``lines`` is
-    a list of ``(label, color, {setting: [value per seed]})``; the line joins the means
-    over seeds and the dots are single seeds, and a setting without values is skipped.
-    ``reference`` is ``(value, label)`` for a dashed horizontal line, or None. Each
-    panel scales its own y axis.
+    a list of ``(label, color, {setting: [value per seed]})``. Each line joins the
+    means over seeds, the dots are single seeds, and a setting without values is
+    skipped. ``reference`` is ``(value, label)`` for a dashed horizontal line, or None.
+    Each panel scales its own y axis.
     """
     fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.9),
                              squeeze=False)

@@ -156,6 +156,7 @@ def train_classifier(
     config: TrainConfig,
     data,
     on_step: Optional[Callable[[int, int], None]] = None,
+    on_end: Optional[Callable[[nn.Module], None]] = None,
 ) -> RunResult:
     """Train the classifier that ``config`` describes on ``data`` and return its metrics.
 
@@ -167,6 +168,8 @@ def train_classifier(
         config: the run's settings.
         data: a ``normlab.data.ClassificationData``.
         on_step: called as ``on_step(step, total_steps)`` after every step, for progress.
+        on_end: called with the trained model when training ends, before the final
+            evaluation, for measurements that need the model itself.
     """
     if config.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(
@@ -176,10 +179,10 @@ def train_classifier(
     devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(config.seed)
-        return _train(config, data, device, on_step)
+        return _train(config, data, device, on_step, on_end)
 
 
-def _train(config, data, device, on_step) -> RunResult:
+def _train(config, data, device, on_step, on_end=None) -> RunResult:
     started = time.perf_counter()
     model = build_model(config, data).to(device)
     optimizer = build_optimizer(config, model)
@@ -242,6 +245,8 @@ def _train(config, data, device, on_step) -> RunResult:
         "val": (val_x, val_y),
         "test": (data.test.x.to(device), data.test.y.to(device)),
     }
+    if on_end is not None:
+        on_end(model)
     final = _final_metrics(model, splits, diverged_step is not None)
     final["best_val_acc"] = best_val_acc
     status = DIVERGED if diverged_step is not None else FINISHED
