@@ -31,9 +31,10 @@ def format_effect(verdict) -> str:
 
 def verdict_table(verdicts: Sequence) -> str:
     """Return the verdicts as a plain-text table for the terminal."""
-    rows = [("claim", "verdict", "effect [95% CI]", "unit", "dataset", "runs")]
+    rows = [("claim", "verdict", "effect [95% CI]", "unit", "dataset", "runs", "train s")]
     for v in verdicts:
-        rows.append((v.claim, v.verdict, format_effect(v), v.effect_label, v.dataset, str(v.runs)))
+        rows.append((v.claim, v.verdict, format_effect(v), v.effect_label, v.dataset,
+                     str(v.runs), f"{v.wall_time:.0f}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
