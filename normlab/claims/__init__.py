@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from .base import Claim, StudyContext, Verdict
 from .batch_size import BatchSize
+from .dncnn_bn import DnCNNBatchNorm
 from .dropout import Dropout
+from .edsr_no_bn import EDSRWithoutBatchNorm
 from .faster_convergence import FasterConvergence
 from .gan_weightnorm import GANWeightNorm
 from .gradient_stability import GradientStability
@@ -23,6 +25,8 @@ CLAIMS: dict[str, type[Claim]] = {
     for cls in (
         HigherLearningRate,
         FasterConvergence,
+        DnCNNBatchNorm,
+        EDSRWithoutBatchNorm,
         InitInsensitivity,
         Regularization,
         LayerOrder,
