@@ -16,9 +16,9 @@ EDSR step from 0.8 s to 6.5 s on the 2-core machine of ``benchmarks/REFERENCE.md
 which records the results. Usage::
 
     OMP_NUM_THREADS=2 python benchmarks/reference_runs.py dncnn \\
-        --data-dir ../shared/data --out reference-dncnn.json
+        --data-dir DATA --out reference-dncnn.json
     OMP_NUM_THREADS=2 python benchmarks/reference_runs.py edsr \\
-        --data-dir ../shared/data --out reference-edsr.json
+        --data-dir DATA --out reference-edsr.json
 """
 
 from __future__ import annotations
