@@ -28,6 +28,10 @@ class StudyContext:
     def seed_list(self) -> list[int]:
         return list(range(self.seeds))
 
+    def seeds_up_to(self, cap: Optional[int]) -> list[int]:
+        """Return the seeds, at most ``cap`` of them (all of them when ``cap`` is None)."""
+        return self.seed_list if cap is None else self.seed_list[:cap]
+
 
 @dataclass
 class Verdict:

@@ -98,8 +98,7 @@ EXAMPLE_SIZE = 96
 
 def seed_list(ctx: StudyContext) -> list[int]:
     """Return the seeds of ``ctx``, capped by the scale's ``MAX_SEEDS``."""
-    cap = MAX_SEEDS[ctx.scale]
-    return list(range(ctx.seeds if cap is None else min(ctx.seeds, cap)))
+    return ctx.seeds_up_to(MAX_SEEDS[ctx.scale])
 
 
 class EDSRWithoutBatchNorm(Claim):
