@@ -51,6 +51,11 @@ def read_manifest(folder: Path) -> dict[str, str]:
     manifest = folder / MANIFEST_NAME
     if not manifest.is_file():
         return {}
+    return read_manifest_file(manifest)
+
+
+def read_manifest_file(manifest: Path) -> dict[str, str]:
+    """Return {relative file name: sha256} from a file in ``sha256sum`` format."""
     entries = {}
     text = manifest.read_text(encoding="utf-8", errors="replace")
     for number, line in enumerate(text.splitlines(), start=1):
@@ -90,9 +95,16 @@ def verify_manifest(folder: Path) -> None:
 
 
 def download_file(
-    filename: str, mirrors: Sequence[str], folder: Path, md5: str
+    filename: str,
+    mirrors: Sequence[str],
+    folder: Path,
+    md5: str,
+    algorithm: str = "md5",
 ) -> Path:
     """Download ``filename`` from the first mirror that serves it with the right md5.
+
+    ``algorithm`` names the hashlib digest that ``md5`` holds, "md5" unless a source
+    publishes another one such as "sha256".
 
     Each mirror is a base URL that ``filename`` is appended to. The file is written to
     ``folder/filename.part`` and renamed only after its md5 matches, so ``folder``
@@ -118,14 +130,15 @@ def download_file(
             failures.append(f"{url}: {error}")
             continue
 
-        actual = file_digest(partial, "md5")
+        actual = file_digest(partial, algorithm)
         if actual != md5:
             partial.unlink()
             logger.warning(
-                "deleted %s from %s: md5 %s, expected %s", filename, url, actual, md5
+                "deleted %s from %s: %s %s, expected %s",
+                filename, url, algorithm, actual, md5,
             )
             failures.append(
-                f"{url}: checksum mismatch, expected md5 {md5}, got {actual}"
+                f"{url}: checksum mismatch, expected {algorithm} {md5}, got {actual}"
             )
             continue
         partial.replace(target)

@@ -29,14 +29,21 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
 from PIL import Image
+from tqdm.auto import tqdm
 
 from normlab.data.classification import DataError
-from normlab.data.download import MANIFEST_NAME, verify_manifest
+from normlab.data.download import (
+    MANIFEST_NAME,
+    download_file,
+    file_digest,
+    read_manifest_file,
+    verify_manifest,
+)
 from normlab.data.imresize import imresize, round_to_uint8
 
 logger = logging.getLogger(__name__)
@@ -91,6 +98,63 @@ RESTORATION_DATASETS: dict[str, RestorationSpec] = {
     "set14": RestorationSpec("sr", "test", "RGB", ("set14",), 14),
     "bsd100": RestorationSpec("sr", "test", "RGB", ("bsd100", "b100"), 100),
 }
+
+# Where ``load_restoration(..., download=True)`` fetches each standard set: a repository
+# pinned to a commit and the folder inside it. The files' SHA-256 sums ship in
+# ``normlab/data/manifests/<name>.sha256``; DIV2K (about 3.5 GB) is not downloaded.
+_RAW = "https://raw.githubusercontent.com"
+_DNCNN = f"{_RAW}/cszn/DnCNN/e93b27812d3ff523a3a79d19e5e50d233d7a8d0a"
+DOWNLOAD_SOURCES: dict[str, tuple[str, str]] = {
+    "bsd400": (
+        "denoise/train400",
+        f"{_DNCNN}/TrainingCodes/DnCNN_TrainingCodes_v1.0/data/Train400",
+    ),
+    "bsd68": ("denoise/bsd68", f"{_DNCNN}/testsets/BSD68"),
+    "set12": ("denoise/set12", f"{_DNCNN}/testsets/Set12"),
+    "set5": ("sr/set5", f"{_DNCNN}/testsets/Set5"),
+    "set14": ("sr/set14", f"{_DNCNN}/testsets/Set14"),
+    "t91": (
+        "sr/t91",
+        f"{_RAW}/tegg89/SRCNN-Tensorflow/78be1a24697935fc39a3a8cf59a6632264afade7/Train",
+    ),
+    "bsd100": (
+        "sr/bsd100",
+        f"{_RAW}/jbhuang0604/SelfExSR/8f6dd8c1d20cb7e8792a7177b4f6fd677633f598/data/"
+        "BSD100/image_SRF_3",
+    ),
+}
+MANIFEST_DIR = Path(__file__).with_name("manifests")
+
+
+def download_restoration(name: str, data_dir: str | os.PathLike) -> Path:
+    """Download the standard set ``name`` into ``data_dir`` and check every SHA-256 sum.
+
+    Files that are already present with the right sum are kept. The folder gets a
+    ``MANIFEST.sha256``, so later loads check the files again.
+
+    Raises:
+        DataError: for a set without a download source, or a file that no source served
+            with the expected sum (the file is deleted).
+    """
+    key = name.strip().lower()
+    if key not in DOWNLOAD_SOURCES:
+        raise DataError(
+            f"{key} cannot be downloaded; sets with a download source: "
+            f"{', '.join(DOWNLOAD_SOURCES)}. Copy its images into a folder instead"
+        )
+    relative, base_url = DOWNLOAD_SOURCES[key]
+    folder = Path(data_dir).expanduser() / relative
+    manifest = MANIFEST_DIR / f"{key}.sha256"
+    expected = read_manifest_file(manifest)
+    for filename, digest in tqdm(sorted(expected.items()), desc=f"download {key}",
+                                 unit="file"):
+        target = folder / filename
+        if target.exists() and file_digest(target, "sha256") == digest:
+            continue
+        download_file(filename, [base_url], folder, digest, algorithm="sha256")
+    (folder / MANIFEST_NAME).write_text(manifest.read_text())
+    return folder
+
 
 # Natural photographs bundled with scikit-image 0.26 (in ``skimage.data.data_dir``), so
 # they load without a network. The train and test lists share no image. RGB photos are
@@ -326,7 +390,9 @@ def _convert(image: Image.Image, mode: str, path: Path, warn: bool) -> np.ndarra
     return np.asarray(image.convert("L"), dtype=np.uint8)
 
 
-def load_restoration(name: str, data_dir: str | os.PathLike | None = None) -> ImageSet:
+def load_restoration(
+    name: str, data_dir: str | os.PathLike | None = None, download: bool = False
+) -> ImageSet:
     """Load a standard denoising or super-resolution set from a data folder.
 
     The folders tried for each set are in ``RESTORATION_DATASETS``, under ``data_dir``,
@@ -338,6 +404,8 @@ def load_restoration(name: str, data_dir: str | os.PathLike | None = None) -> Im
         name: one of ``RESTORATION_DATASETS`` (case-insensitive).
         data_dir: the data folder. It is required. For images without a download,
             use :func:`load_embedded`.
+        download: when the set is not found, download it into ``data_dir`` with
+            :func:`download_restoration`, checking every file's SHA-256 sum.
 
     Raises:
         DataError: for an unknown name, a missing data folder, no matching folder, or
@@ -357,6 +425,9 @@ def load_restoration(name: str, data_dir: str | os.PathLike | None = None) -> Im
             f"that ship with scikit-image"
         )
     base = Path(data_dir).expanduser()
+    if download and key in DOWNLOAD_SOURCES and _find_set(base, spec) is None:
+        base.mkdir(parents=True, exist_ok=True)
+        download_restoration(key, base)
     if not base.is_dir():
         raise DataError(
             f"data folder {base} not found; pass an existing folder as data_dir"
@@ -390,8 +461,20 @@ def load_restoration(name: str, data_dir: str | os.PathLike | None = None) -> Im
             )
     raise DataError(
         f"{key} not found in {base}; searched (case-insensitively) "
-        f"{', '.join(searched)}. Put the {key} images in one of these folders"
+        f"{', '.join(searched)}. Put the {key} images in one of these folders, or "
+        f"pass --download (download=True) to fetch them"
     )
+
+
+def _find_set(base: Path, spec: RestorationSpec) -> Optional[Path]:
+    if not base.is_dir():
+        return None
+    for prefix in ("", "denoise/", "sr/"):
+        for relative in spec.folders:
+            folder = _find_folder(base, f"{prefix}{relative}")
+            if folder is not None:
+                return folder
+    return None
 
 
 def _find_folder(parent: Path, relative: str) -> Path | None:
