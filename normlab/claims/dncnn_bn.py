@@ -149,7 +149,7 @@ class DnCNNBatchNorm(Claim):
         the denoising sets falls back to the photographs with a warning, so that one
         ``--data-dir`` can serve claims of several tasks.
         """
-        data = load_claim_data("denoise", data_dir)
+        data = load_claim_data("denoise", data_dir, download)
         return data.name, data
 
     def config(self, ctx: StudyContext, condition: str, seed: int) -> DenoiseConfig:

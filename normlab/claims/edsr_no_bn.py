@@ -129,7 +129,7 @@ class EDSRWithoutBatchNorm(Claim):
         ``dataset`` names a classification set and is not used. A ``data_dir`` without
         the SR sets falls back to the photographs with a warning.
         """
-        data = load_claim_data("sr", data_dir)
+        data = load_claim_data("sr", data_dir, download)
         return data.name, data
 
     def config(self, ctx: StudyContext, norm: str, seed: int) -> SRConfig:

@@ -329,8 +329,13 @@ _FOLDER_SETS = {
 }
 
 
-def load_restoration_data(task: str, data_dir=None) -> RestorationData:
+def load_restoration_data(
+    task: str, data_dir=None, download: bool = False
+) -> RestorationData:
     """Load the training and test images of ``task`` from ``data_dir``.
+
+    With ``download``, sets missing from ``data_dir`` are downloaded into it first
+    (DIV2K excepted), with their SHA-256 sums checked.
 
     Denoising trains on BSD400 and tests on BSD68, then Set12 when present.
     Super-resolution trains on DIV2K, or on T91 when DIV2K is missing, and tests on
@@ -352,11 +357,11 @@ def load_restoration_data(task: str, data_dir=None) -> RestorationData:
         )
 
     train_choices, first_test, *optional = _FOLDER_SETS[task]
-    train = _first_found(train_choices, data_dir)
-    tests = {first_test[0]: load_restoration(first_test[0], data_dir)}
+    train = _first_found(train_choices, data_dir, download)
+    tests = {first_test[0]: load_restoration(first_test[0], data_dir, download)}
     for (name,) in optional:
         try:
-            tests[name] = load_restoration(name, data_dir)
+            tests[name] = load_restoration(name, data_dir, download)
         except DataError as error:
             logger.info("test set %s skipped: %s", name, error)
     sources = [f"train {train.name}: {train.source}"]
@@ -364,7 +369,7 @@ def load_restoration_data(task: str, data_dir=None) -> RestorationData:
     return RestorationData(task, train.name, train, tests, "; ".join(sources))
 
 
-def load_claim_data(task: str, data_dir=None) -> RestorationData:
+def load_claim_data(task: str, data_dir=None, download: bool = False) -> RestorationData:
     """Load the sets of ``task`` from ``data_dir``, or the photographs without it.
 
     A ``data_dir`` that lacks the sets falls back to the scikit-image photographs with
@@ -373,7 +378,7 @@ def load_claim_data(task: str, data_dir=None) -> RestorationData:
     """
     if data_dir is not None:
         try:
-            return load_restoration_data(task, data_dir)
+            return load_restoration_data(task, data_dir, download)
         except DataError as error:
             logger.warning(
                 "%s; the %s claims use the scikit-image photographs instead",
@@ -383,13 +388,14 @@ def load_claim_data(task: str, data_dir=None) -> RestorationData:
     return load_restoration_data(task, None)
 
 
-def _first_found(names: tuple[str, ...], data_dir) -> ImageSet:
+def _first_found(names: tuple[str, ...], data_dir, download: bool = False) -> ImageSet:
+    # only the last choice is downloaded: the earlier ones (DIV2K) are used when present
     for name in names[:-1]:
         try:
             return load_restoration(name, data_dir)
         except DataError as error:
             logger.info("%s not used: %s", name, error)
-    return load_restoration(names[-1], data_dir)
+    return load_restoration(names[-1], data_dir, download)
 
 
 def center_crop(
