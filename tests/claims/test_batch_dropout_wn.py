@@ -513,3 +513,15 @@ def test_claim_end_to_end_on_tiny_budget(claim_id, tmp_path, monkeypatch):
     assert verdict["plots"]
     for plot in verdict["plots"]:
         assert (tmp_path / os.path.basename(plot)).stat().st_size > 10_000
+
+
+def test_batch_size_quick_mnist_uses_a_subset():
+    from types import SimpleNamespace
+
+    from normlab.claims import StudyContext, get_claim
+
+    data = SimpleNamespace(num_classes=10, source="synthetic")
+    configs = get_claim("batch-size").configs(StudyContext("mnist", data, "quick", 2))
+    assert {c.train_size for c in configs} == {6000}
+    full = get_claim("batch-size").configs(StudyContext("mnist", data, "full", 2))
+    assert {c.train_size for c in full} == {None}
