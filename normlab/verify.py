@@ -138,7 +138,7 @@ def _check_store_settings(store: RunStore, loaded: dict) -> None:
         stored = store.check_meta(name, fingerprint)
         if stored != fingerprint:
             raise StoreError(
-                f"{store.path} holds runs trained on another copy of {dataset} (content "
+                f"{store.path} contains runs trained on another copy of {dataset} (content "
                 f"digest {stored}, now {fingerprint}, from {getattr(data, 'source', '?')}); "
                 "pass another --out folder to keep both"
             )
@@ -146,7 +146,7 @@ def _check_store_settings(store: RunStore, loaded: dict) -> None:
     stored = store.check_meta("torch_threads", threads)
     if stored != threads:
         logger.warning(
-            "%s holds runs made with %s threads and this call uses %s; float results can "
+            "%s contains runs made with %s threads and this call uses %s; float results can "
             "differ in the last digits between the two, use --threads %s to match",
             store.path, stored, threads, stored,
         )

@@ -91,7 +91,8 @@ def test_verify_end_to_end_and_resume(tiny_budget, tmp_path, capsys, monkeypatch
             "--seeds", "2", "--no-progress"]
     assert run_cli(*argv) == 0
     printed = capsys.readouterr().out
-    assert "higher-lr" in printed and "faster-convergence" in printed
+    assert "higher-lr" in printed
+    assert "faster-convergence" in printed
 
     verdicts = json.loads((out / "verdicts.json").read_text())
     assert [v["claim"] for v in verdicts] == ["higher-lr", "faster-convergence"]
@@ -201,4 +202,4 @@ def test_verify_rejects_store_of_other_data(tiny_budget, tmp_path, capsys):
         db.execute("UPDATE meta SET value='0000' WHERE key='data:classify:digits'")
     capsys.readouterr()
     assert run_cli(*argv) == 2
-    assert "holds runs trained on another copy of digits" in capsys.readouterr().err
+    assert "contains runs trained on another copy of digits" in capsys.readouterr().err

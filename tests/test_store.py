@@ -69,7 +69,7 @@ def test_store_rejects_newer_schema(tmp_path):
         RunStore(path)
 
 
-def test_store_rejects_a_file_that_is_not_a_database(tmp_path):
+def test_store_rejects_non_database(tmp_path):
     path = tmp_path / "runs.db"
     path.write_text("not a database, just text " * 100)
     with pytest.raises(StoreError, match="cannot open run store"):

@@ -15,7 +15,7 @@ INCONCLUSIVE = "INCONCLUSIVE"
 def t_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float, float]:
     """Return ``(mean, low, high)``: the mean and its Student-t confidence interval.
 
-    One value gives the interval (-inf, inf), because a single seed says nothing about the
+    One value gives the interval (-inf, inf), because a single seed gives no estimate of the
     spread, so :func:`decide` returns INCONCLUSIVE. Equal values give a zero-width
     interval: the seeds agree, and the resolution of the grid that the claims state is the
     only uncertainty left.

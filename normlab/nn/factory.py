@@ -102,7 +102,7 @@ def uses_bias(norm: NormSpec) -> bool:
 
 
 def wrap_layer(layer: nn.Module, norm: NormSpec) -> nn.Module:
-    """Return ``layer`` reparametrized by weight normalization when ``norm`` asks for it.
+    """Return ``layer`` reparametrized by weight normalization when ``norm`` is "weightnorm".
 
     Weight normalization acts on the weight of the conv or linear layer itself, so models
     call this on every such layer and put ``create_norm(norm, ...)`` (an identity for

@@ -66,7 +66,7 @@ def default_num_groups(num_channels: int, min_group_size: int = 1) -> int:
     This is 32 when ``num_channels`` is a multiple of 32, ``num_channels`` itself when
     it is at most 32, and otherwise the largest divisor below 32, for example 24 for 48
     channels or 25 for 100 channels. ``min_group_size`` caps the number of groups at
-    ``num_channels // min_group_size``, so every group holds at least that many channels.
+    ``num_channels // min_group_size``, so every group contains at least that many channels.
     """
     if num_channels < 1:
         raise ValueError(f"num_channels must be a positive integer, got {num_channels}")

@@ -82,7 +82,7 @@ def write_markdown(verdicts: Sequence, out_dir: Path, meta: dict) -> Path:
 
 
 def write_html(verdicts: Sequence, out_dir: Path, meta: dict) -> Path:
-    """Write ``report.html`` with every plot embedded, so the file stands alone."""
+    """Write ``report.html`` with every plot embedded, so the file is self-contained."""
     rows = "".join(
         f"<tr><td><code>{_e(v.claim)}</code></td>"
         f"<td style='color:{VERDICT_COLORS.get(v.verdict, '#000')}'><b>{_e(v.verdict)}</b></td>"

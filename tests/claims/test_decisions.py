@@ -64,7 +64,7 @@ def higher_lr_records(bn_max, none_max, seeds=3):
     return records
 
 
-def test_higher_lr_supported_when_bn_trains_a_decade_higher():
+def test_higher_lr_supported_decade_higher():
     claim = get_claim("higher-lr")
     verdict = claim.decide(context(), higher_lr_records([1.0] * 3, [0.1] * 3))
     assert verdict.verdict == SUPPORTED
@@ -81,13 +81,13 @@ def test_higher_lr_not_supported_when_limits_are_equal():
     assert verdict.effect == 0.0
 
 
-def test_higher_lr_inconclusive_when_both_reach_top_of_grid():
+def test_higher_lr_both_at_grid_top():
     top = lr_grid("quick")[-1]
     verdict = get_claim("higher-lr").decide(context(), higher_lr_records([top] * 3, [top] * 3))
     assert verdict.verdict == INCONCLUSIVE
 
 
-def test_higher_lr_low_accuracy_does_not_count_as_training():
+def test_higher_lr_chance_accuracy_not_trained():
     records = higher_lr_records([1.0] * 3, [1.0] * 3)
     # no-norm runs at lr 1 finish but stay at chance: they did not train
     for r in records.values():
