@@ -10,6 +10,7 @@ from typing import ClassVar, Optional
 
 from ..store import RunRecord
 from ..train.config import TrainConfig
+from .stats import INCONCLUSIVE
 
 SCALES = ("quick", "full")
 
@@ -121,4 +122,11 @@ class Claim(ABC):
             runs=len(records),
             data_source=getattr(ctx.data, "source", ""),
             **fields,
+        )
+
+    def inconclusive(self, ctx: StudyContext, records: dict, **fields) -> Verdict:
+        """Build an INCONCLUSIVE verdict with no effect, for grids that lack the runs the
+        effect needs (``fields`` as for :meth:`verdict`, without the effect)."""
+        return self.verdict(
+            ctx, records, verdict=INCONCLUSIVE, effect=None, interval=None, **fields
         )

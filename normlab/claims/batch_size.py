@@ -37,13 +37,15 @@ runs.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 from ..report import plots
 from .base import Claim, StudyContext, Verdict
 from .budget import BN, BUDGETS, base_config
-from .stats import INCONCLUSIVE, decide, t_interval
+from .stats import accuracy_table, decide_effects
+
+# the config fields that tell this grid's cells apart, for accuracy_table
+TABLE_FIELDS = ("norm", "batch_size")
 
 GN, LN = "groupnorm", "layernorm"
 NORMS = (BN, GN, LN)
@@ -135,7 +137,7 @@ class BatchSize(Claim):
 
     def decide(self, ctx: StudyContext, records: dict) -> Verdict:
         chance = 1.0 / ctx.data.num_classes
-        table = accuracy_table(records.values(), chance)
+        table = accuracy_table(records.values(), chance, TABLE_FIELDS)
         sizes = BATCH_SIZES[ctx.scale]
         reference = reference_batch(ctx.scale)
         drops = {
@@ -172,16 +174,14 @@ class BatchSize(Claim):
             if drops[BN][s] is not None and drops[GN][s] is not None
         ]
         if not seeds:
-            return self.verdict(
-                ctx, records, verdict=INCONCLUSIVE, effect=None, interval=None,
-                effect_label=label, details=details,
+            return self.inconclusive(
+                ctx, records, effect_label=label, details=details,
                 summary=f"No seed has a finished or diverged run at batch sizes "
                 f"{SMALL_BATCH} and {reference} for both BatchNorm and GroupNorm; "
                 "rerun normlab verify.",
             )
         effects = [drops[BN][s] - drops[GN][s] for s in seeds]
-        mean, low, high = t_interval(effects)
-        verdict = decide(low, high, mean, margin=MIN_EFFECT)
+        verdict, mean, low, high = decide_effects(effects, margin=MIN_EFFECT)
         details["per_seed_effect"] = effects
 
         accs = details["mean_val_acc"]
@@ -216,7 +216,7 @@ class BatchSize(Claim):
         chance = 1.0 / ctx.data.num_classes
         epochs = run_settings(ctx, SMALL_BATCH)["epochs"]
         path = plots.accuracy_sweep(
-            accuracy_table(records.values(), chance),
+            accuracy_table(records.values(), chance, TABLE_FIELDS),
             conditions=[(n, NORM_LABELS[n]) for n in NORMS],
             xlabel=f"batch size (log scale), lr = {REFERENCE_LR} * batch size / "
             f"{REFERENCE_BATCH}",
@@ -226,18 +226,6 @@ class BatchSize(Claim):
             path=out_dir / "batch-size_sweep.png",
         )
         return [path]
-
-
-def accuracy_table(records, chance: float) -> dict:
-    """Return ``{(norm, batch size, seed): final val acc}``, chance when diverged."""
-    table = {}
-    for record in records:
-        acc = record.final.get("val_acc", math.nan)
-        if record.status != "finished" or not math.isfinite(acc):
-            acc = chance
-        c = record.config
-        table[(c.norm, c.batch_size, c.seed)] = acc
-    return table
 
 
 def accuracy_drop(table: dict, norm: str, reference: int, seed: int):

@@ -59,7 +59,7 @@ from ..train.restoration import (
     trained_model,
 )
 from .base import Claim, StudyContext, Verdict
-from .stats import INCONCLUSIVE, decide, t_interval
+from .stats import decide_effects, t_interval
 
 SIGMA = 25.0
 MARGIN_DB = 0.05
@@ -199,9 +199,8 @@ class DnCNNBatchNorm(Claim):
             "diverged_runs": sorted(r.key for r in runs if r.status != "finished"),
         }
         if not others or not math.isfinite(means[RL_BN]):
-            return self.verdict(
-                ctx, records, verdict=INCONCLUSIVE, effect=None, interval=None,
-                effect_label=label, details=details,
+            return self.inconclusive(
+                ctx, records, effect_label=label, details=details,
                 summary="Too few runs ended to compare residual + BN with the others.",
             )
         competitor = max(others, key=lambda c: means[c])
@@ -212,13 +211,11 @@ class DnCNNBatchNorm(Claim):
 
         diffs = gaps[competitor]["per_seed"]
         if len(diffs) < 2:
-            return self.verdict(
-                ctx, records, verdict=INCONCLUSIVE, effect=None, interval=None,
-                effect_label=label, details=details,
+            return self.inconclusive(
+                ctx, records, effect_label=label, details=details,
                 summary=f"Only {len(diffs)} seed pairs; at least 2 are needed.",
             )
-        mean, low, high = t_interval(diffs)
-        verdict = decide(low, high, mean, margin=MARGIN_DB)
+        verdict, mean, low, high = decide_effects(diffs, margin=MARGIN_DB)
         summary = self._summary(ctx, means, competitor, (mean, low, high), gaps,
                                 details["convergence"])
         return self.verdict(

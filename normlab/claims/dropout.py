@@ -55,7 +55,10 @@ from ..train import loop
 from ..train.config import TrainConfig, register_config
 from .base import Claim, StudyContext, Verdict
 from .budget import BN, base_config
-from .stats import INCONCLUSIVE, decide, t_interval
+from .stats import accuracy_table, decide_effects
+
+# the config fields that tell this grid's cells apart, for accuracy_table
+TABLE_FIELDS = ("dropout_position", "dropout")
 
 BEFORE, AFTER = "before", "after"
 POSITIONS = (BEFORE, AFTER)
@@ -242,7 +245,7 @@ class Dropout(Claim):
     def decide(self, ctx: StudyContext, records: dict) -> Verdict:
         chance = 1.0 / ctx.data.num_classes
         runs = list(records.values())
-        table = accuracy_table(runs, chance)
+        table = accuracy_table(runs, chance, TABLE_FIELDS)
         pairs = conditions(ctx.scale)
         details = {
             "lr": LR,
@@ -272,15 +275,13 @@ class Dropout(Claim):
             if after[s] is not None and before[s] is not None
         ]
         if not seeds:
-            return self.verdict(
-                ctx, records, verdict=INCONCLUSIVE, effect=None, interval=None,
-                effect_label=label, details=details,
+            return self.inconclusive(
+                ctx, records, effect_label=label, details=details,
                 summary=f"No seed has a finished or diverged run with dropout "
                 f"{DECISION_RATE:g} both before and after BN; rerun normlab verify.",
             )
         effects = [after[s] - before[s] for s in seeds]
-        mean, low, high = t_interval(effects)
-        verdict = decide(low, high, mean, margin=MIN_EFFECT)
+        verdict, mean, low, high = decide_effects(effects, margin=MIN_EFFECT)
         details["per_seed_effect"] = effects
 
         names = [condition_name(p, r) for p, r in pairs]
@@ -312,7 +313,7 @@ class Dropout(Claim):
 
     def plot(self, ctx: StudyContext, records: dict, out_dir: Path) -> list[Path]:
         chance = 1.0 / ctx.data.num_classes
-        table = accuracy_table(records.values(), chance)
+        table = accuracy_table(records.values(), chance, TABLE_FIELDS)
         runs = list(records.values())
         rates = [0.0] + RATES[ctx.scale]
         # no dropout is the same network for both positions, so both lines start there
@@ -352,18 +353,6 @@ class Dropout(Claim):
             path=out_dir / "dropout_accuracy_shift.png",
         )
         return [path]
-
-
-def accuracy_table(records, chance: float) -> dict:
-    """Return ``{(dropout position, rate, seed): val acc}``, chance if diverged."""
-    table = {}
-    for record in records:
-        acc = record.final.get("val_acc", math.nan)
-        if record.status != "finished" or not math.isfinite(acc):
-            acc = chance
-        c = record.config
-        table[(c.dropout_position, c.dropout, c.seed)] = acc
-    return table
 
 
 def shift_values(records, position: str, rate: float, name: str) -> list[float]:

@@ -54,7 +54,7 @@ from ..train.restoration import (
 )
 from .base import Claim, StudyContext, Verdict
 from .dncnn_bn import final_psnr_by_seed, paired_gap, string_keys
-from .stats import INCONCLUSIVE, decide, t_interval
+from .stats import decide, t_interval
 
 SCALE = 2
 MARGIN_DB = 0.05
@@ -207,9 +207,8 @@ class EDSRWithoutBatchNorm(Claim):
         details["per_seed_effect"] = gap["per_seed"]
         memory_text = self._memory_summary(memory)
         if len(gap["per_seed"]) < 2:
-            return self.verdict(
-                ctx, records, verdict=INCONCLUSIVE, effect=None, interval=None,
-                effect_label=label, details=details,
+            return self.inconclusive(
+                ctx, records, effect_label=label, details=details,
                 summary=f"Only {len(gap['per_seed'])} seed pairs ended; at least 2 are "
                 f"needed. {memory_text}",
             )

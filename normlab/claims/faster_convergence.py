@@ -90,9 +90,8 @@ class FasterConvergence(Claim):
         label = "speedup, steps(none) / steps(BN), x"
         reached = {n: [v for v in m.values() if v is not None] for n, m in steps.items()}
         if not reached[BN] and not reached[NO_NORM]:
-            return self.verdict(
-                ctx, records, verdict=INCONCLUSIVE, effect=None, interval=None,
-                effect_label=label, details=details,
+            return self.inconclusive(
+                ctx, records, effect_label=label, details=details,
                 summary=f"Neither condition reached {target:.2f} validation accuracy within "
                 f"{budget} steps; raise the budget (--full) to test this claim.",
             )

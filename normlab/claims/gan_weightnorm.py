@@ -67,7 +67,7 @@ from ..train.gan import (
     trained_generator,
 )
 from .base import Claim, StudyContext, Verdict
-from .stats import INCONCLUSIVE, decide, t_interval
+from .stats import decide_effects
 
 MARGIN = 0.05
 CLAIMED_REDUCTION = 0.10
@@ -199,15 +199,13 @@ class GANWeightNorm(Claim):
         effects = [relative_reduction(scores[BN][s], scores[WN][s]) for s in paired]
         details["per_seed_effect"] = dict(zip(map(str, paired), effects))
         if len(effects) < 2:
-            return self.verdict(
-                ctx, records, verdict=INCONCLUSIVE, effect=None, interval=None,
-                effect_label=label, details=details,
+            return self.inconclusive(
+                ctx, records, effect_label=label, details=details,
                 summary=f"Only {len(effects)} seed pairs of BatchNorm and weight norm "
                 "runs; at least 2 are needed.",
             )
 
-        mean, low, high = t_interval(effects)
-        verdict = decide(low, high, mean, margin=MARGIN)
+        verdict, mean, low, high = decide_effects(effects, margin=MARGIN)
         summary = _summary(means, (mean, low, high), details, len(seeds))
         return self.verdict(
             ctx, records, verdict=verdict, effect=mean, interval=(low, high),

@@ -33,7 +33,7 @@ from ..report import plots
 from .base import Claim, StudyContext, Verdict
 from .budget import BN, CONDITION_COLORS, CONDITION_LABELS, NO_NORM
 from .ics import probed_config
-from .stats import INCONCLUSIVE, decide, t_interval
+from .stats import decide_effects, t_interval
 
 LR = 0.1
 WIDTH = 64
@@ -121,9 +121,8 @@ class GradientStability(Claim):
             }
         if len(per_activation) < len(ACTIVATIONS):
             missing = [a for a in ACTIVATIONS if a not in per_activation]
-            return self.verdict(
-                ctx, records, verdict=INCONCLUSIVE, effect=None, interval=None,
-                effect_label=label, details=details,
+            return self.inconclusive(
+                ctx, records, effect_label=label, details=details,
                 summary=f"Some seeds have no run at depth {deepest} with "
                 f"{', '.join(missing)}, so the paired effect is unknown.",
             )
@@ -132,8 +131,7 @@ class GradientStability(Claim):
             float(np.mean([per_activation[a][i] for a in ACTIVATIONS]))
             for i in range(len(ctx.seed_list))
         ]
-        mean, low, high = t_interval(effects)
-        verdict = decide(low, high, mean, margin=MARGIN)
+        verdict, mean, low, high = decide_effects(effects, margin=MARGIN)
         details["per_seed_effect"] = effects
 
         parts = []

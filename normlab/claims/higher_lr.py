@@ -28,7 +28,7 @@ import numpy as np
 from ..report import plots
 from .base import Claim, StudyContext, Verdict
 from .budget import BN, CONDITION_LABELS, NO_NORM, base_config
-from .stats import INCONCLUSIVE, decide, t_interval
+from .stats import INCONCLUSIVE, decide_effects
 
 GRID_STEP = 0.5  # decades between neighbouring learning rates
 LR_EXPONENTS = {"quick": range(-4, 4), "full": range(-6, 5)}
@@ -87,16 +87,14 @@ class HigherLearningRate(Claim):
         label = "log10(max lr BN / max lr none), decades"
         if any(v is None for m in max_lr.values() for v in m.values()):
             missing = [n for n, m in max_lr.items() if any(v is None for v in m.values())]
-            return self.verdict(
-                ctx, records, verdict=INCONCLUSIVE, effect=None, interval=None,
-                effect_label=label, details=details,
+            return self.inconclusive(
+                ctx, records, effect_label=label, details=details,
                 summary=f"No learning rate of the grid trained for {', '.join(missing)} in "
                 "some seed, so the largest trainable learning rate is unknown.",
             )
         # grid values are rounded, so snap the ratio to whole grid steps
         diffs = [_grid_steps(max_lr[BN][s] / max_lr[NO_NORM][s]) * GRID_STEP for s in ctx.seed_list]
-        mean, low, high = t_interval(diffs)
-        verdict = decide(low, high, mean, margin=GRID_STEP)
+        verdict, mean, low, high = decide_effects(diffs, margin=GRID_STEP)
         top = grid[-1]
         censored = all(max_lr[BN][s] == top for s in ctx.seed_list)
         if censored and all(max_lr[NO_NORM][s] == top for s in ctx.seed_list):

@@ -42,7 +42,7 @@ from ..store import RunRecord
 from ..train.probed import ProbedConfig
 from .base import Claim, StudyContext, Verdict
 from .budget import BN, CONDITION_COLORS, CONDITION_LABELS, NO_NORM, base_config
-from .stats import INCONCLUSIVE, NOT_SUPPORTED, SUPPORTED, t_interval
+from .stats import INCONCLUSIVE, NOT_SUPPORTED, SUPPORTED, final_accuracy, t_interval
 
 LR = 0.1
 MARGIN = 0.02  # accuracy, 2 points
@@ -85,14 +85,6 @@ def condition_of(config: ProbedConfig) -> str:
     if config.norm == BN and config.noisy:
         return NOISY_BN
     return config.norm
-
-
-def final_accuracy(record: RunRecord, num_classes: int) -> float:
-    """Return the final validation accuracy, chance for a diverged run."""
-    acc = record.final.get("val_acc", math.nan)
-    if record.status != "finished" or not math.isfinite(acc):
-        return 1.0 / num_classes
-    return acc
 
 
 def ics_layers(records) -> list[int]:
@@ -159,7 +151,7 @@ class InternalCovariateShift(Claim):
         num_classes = ctx.data.num_classes
         accuracy = {
             condition: {
-                seed: final_accuracy(runs[(condition, seed)], num_classes)
+                seed: final_accuracy(runs[(condition, seed)], 1.0 / num_classes)
                 for seed in ctx.seed_list
                 if (condition, seed) in runs
             }
@@ -180,9 +172,8 @@ class InternalCovariateShift(Claim):
             LABELS[c] for c in (BN, NOISY_BN) if len(accuracy[c]) < len(ctx.seed_list)
         ]
         if missing:
-            return self.verdict(
-                ctx, records, verdict=INCONCLUSIVE, effect=None, interval=None,
-                effect_label=label, details=details,
+            return self.inconclusive(
+                ctx, records, effect_label=label, details=details,
                 summary=f"Some seeds have no run of {', '.join(missing)}, so the "
                 "paired difference is unknown.",
             )

@@ -24,13 +24,15 @@ run.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 from ..report import plots
 from .base import Claim, StudyContext, Verdict
 from .budget import BN, CONDITION_LABELS, NO_NORM, base_config
-from .stats import INCONCLUSIVE, decide, t_interval
+from .stats import accuracy_table, decide_effects
+
+# the config fields that tell this grid's cells apart, for accuracy_table
+TABLE_FIELDS = ("norm", "init_scale")
 
 SCALES = {
     "quick": [0.01, 0.1, 1.0, 10.0],
@@ -79,7 +81,7 @@ class InitInsensitivity(Claim):
 
     def decide(self, ctx: StudyContext, records: dict) -> Verdict:
         chance = 1.0 / ctx.data.num_classes
-        table = accuracy_table(records.values(), chance)
+        table = accuracy_table(records.values(), chance, TABLE_FIELDS)
         scales = SCALES[ctx.scale]
         spread = {
             norm: {s: accuracy_spread(table, norm, scales, s) for s in ctx.seed_list}
@@ -103,15 +105,13 @@ class InitInsensitivity(Claim):
         label = "spread(none) - spread(BN) of final val acc across init scales"
 
         if not seeds:
-            return self.verdict(
-                ctx, records, verdict=INCONCLUSIVE, effect=None, interval=None,
-                effect_label=label, details=details,
+            return self.inconclusive(
+                ctx, records, effect_label=label, details=details,
                 summary="No seed has a finished or diverged run at every init scale "
                 "for both conditions, so the spread is unknown; rerun normlab verify.",
             )
         effects = [spread[NO_NORM][s] - spread[BN][s] for s in seeds]
-        mean, low, high = t_interval(effects)
-        verdict = decide(low, high, mean, margin=MIN_EFFECT)
+        verdict, mean, low, high = decide_effects(effects, margin=MIN_EFFECT)
         details["per_seed_effect"] = effects
 
         summary = (
@@ -134,7 +134,7 @@ class InitInsensitivity(Claim):
     def plot(self, ctx: StudyContext, records: dict, out_dir: Path) -> list[Path]:
         chance = 1.0 / ctx.data.num_classes
         path = plots.accuracy_sweep(
-            accuracy_table(records.values(), chance),
+            accuracy_table(records.values(), chance, TABLE_FIELDS),
             conditions=[(n, CONDITION_LABELS[n]) for n in (BN, NO_NORM)],
             xlabel="init scale: factor on every weight (log scale)",
             reference=(chance, "chance (diverged runs count here)"),
@@ -143,18 +143,6 @@ class InitInsensitivity(Claim):
             path=out_dir / "init-insensitivity_sweep.png",
         )
         return [path]
-
-
-def accuracy_table(records, chance: float) -> dict:
-    """Return ``{(norm, init scale, seed): final val acc}``, chance when diverged."""
-    table = {}
-    for record in records:
-        acc = record.final.get("val_acc", math.nan)
-        if record.status != "finished" or not math.isfinite(acc):
-            acc = chance
-        config = record.config
-        table[(config.norm, config.init_scale, config.seed)] = acc
-    return table
 
 
 def accuracy_spread(table: dict, norm: str, scales, seed: int):

@@ -22,14 +22,13 @@ act-norm is better. INCONCLUSIVE otherwise, or when no seed has both runs.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 from ..report import plots
 from .base import Claim, StudyContext, Verdict
 from .budget import BN, base_config
 from .faster_convergence import TARGETS, steps_to_target
-from .stats import INCONCLUSIVE, decide, t_interval
+from .stats import decide_effects, final_accuracy
 
 NORM_ACT, ACT_NORM = "norm-act", "act-norm"
 ORDER_LABELS = {NORM_ACT: "Linear -> BN -> ReLU", ACT_NORM: "Linear -> ReLU -> BN"}
@@ -76,7 +75,10 @@ class LayerOrder(Claim):
         target = TARGETS[ctx.dataset]
         runs = {(r.config.order, r.config.seed): r for r in records.values()}
         acc = {
-            order: {s: _final_acc(runs.get((order, s)), chance) for s in ctx.seed_list}
+            order: {
+                s: final_accuracy(runs[(order, s)], chance) if (order, s) in runs else None
+                for s in ctx.seed_list
+            }
             for order in (NORM_ACT, ACT_NORM)
         }
         details = {
@@ -101,15 +103,13 @@ class LayerOrder(Claim):
             if acc[NORM_ACT][s] is not None and acc[ACT_NORM][s] is not None
         ]
         if not seeds:
-            return self.verdict(
-                ctx, records, verdict=INCONCLUSIVE, effect=None, interval=None,
-                effect_label=label, details=details,
+            return self.inconclusive(
+                ctx, records, effect_label=label, details=details,
                 summary="No seed has a finished or diverged run of both orders; rerun "
                 "normlab verify.",
             )
         diffs = [acc[NORM_ACT][s] - acc[ACT_NORM][s] for s in seeds]
-        mean, low, high = t_interval(diffs)
-        verdict = decide(low, high, mean, margin=MARGIN)
+        verdict, mean, low, high = decide_effects(diffs, margin=MARGIN)
         details["per_seed_difference"] = diffs
 
         summary = (
@@ -140,16 +140,6 @@ class LayerOrder(Claim):
             path=out_dir / "layer-order_curves.png",
         )
         return [path]
-
-
-def _final_acc(record, chance: float):
-    """Return the final val acc of ``record``: chance if diverged, None if missing."""
-    if record is None:
-        return None
-    acc = record.final.get("val_acc", math.nan)
-    if record.status != "finished" or not math.isfinite(acc):
-        return chance
-    return acc
 
 
 def _values(values: dict, seeds) -> str:

@@ -29,14 +29,16 @@ runs.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Optional
 
 from ..report import plots
 from .base import Claim, StudyContext, Verdict
 from .budget import BN, base_config
-from .stats import INCONCLUSIVE, decide, t_interval
+from .stats import accuracy_table, decide_effects
+
+# the config fields that tell this grid's cells apart, for accuracy_table
+TABLE_FIELDS = ("norm_momentum", "norm_eps")
 
 MOMENTA: list[Optional[float]] = [0.01, 0.1, 0.9, None]
 EPSILONS = [1e-5, 1e-3, 1e-1]
@@ -100,7 +102,7 @@ class MomentumEps(Claim):
 
     def decide(self, ctx: StudyContext, records: dict) -> Verdict:
         chance = 1.0 / ctx.data.num_classes
-        table = accuracy_table(records.values(), chance)
+        table = accuracy_table(records.values(), chance, TABLE_FIELDS)
         pairs = setting_grid(ctx.scale)
         details = {
             "lr": LR,
@@ -120,15 +122,13 @@ class MomentumEps(Claim):
             if default[s] is not None and foreign[s] is not None
         ]
         if not seeds:
-            return self.verdict(
-                ctx, records, verdict=INCONCLUSIVE, effect=None, interval=None,
-                effect_label=label, details=details,
+            return self.inconclusive(
+                ctx, records, effect_label=label, details=details,
                 summary="No seed has a finished or diverged run at both BN momentum "
                 "0.1 and 0.9; rerun normlab verify.",
             )
         effects = [default[s] - foreign[s] for s in seeds]
-        mean, low, high = t_interval(effects)
-        verdict = decide(low, high, mean, margin=MIN_EFFECT)
+        verdict, mean, low, high = decide_effects(effects, margin=MIN_EFFECT)
         details["per_seed_effect"] = effects
 
         by_momentum = ", ".join(
@@ -149,7 +149,7 @@ class MomentumEps(Claim):
 
     def plot(self, ctx: StudyContext, records: dict, out_dir: Path) -> list[Path]:
         chance = 1.0 / ctx.data.num_classes
-        table = accuracy_table(records.values(), chance)
+        table = accuracy_table(records.values(), chance, TABLE_FIELDS)
         by_momentum = [
             (momentum_label(m), _seed_values(table, m, DEFAULT_EPS)) for m in MOMENTA
         ]
@@ -169,18 +169,6 @@ class MomentumEps(Claim):
             sharey=True,
         )
         return [path]
-
-
-def accuracy_table(records, chance: float) -> dict:
-    """Return ``{(BN momentum, eps, seed): final val acc}``, chance when diverged."""
-    table = {}
-    for record in records:
-        acc = record.final.get("val_acc", math.nan)
-        if record.status != "finished" or not math.isfinite(acc):
-            acc = chance
-        c = record.config
-        table[(c.norm_momentum, c.norm_eps, c.seed)] = acc
-    return table
 
 
 def _seed_values(table: dict, momentum, eps: float) -> list[float]:

@@ -29,7 +29,7 @@ from pathlib import Path
 from ..report import plots
 from .base import Claim, StudyContext, Verdict
 from .budget import BN, BUDGETS, CONDITION_LABELS, NO_NORM, base_config
-from .stats import INCONCLUSIVE, decide, t_interval
+from .stats import decide_effects
 
 # training samples per data set; each is a small fraction of its training split
 TRAIN_SIZES = {"digits": 300, "mnist": 1000, "cifar10": 2000}
@@ -95,15 +95,13 @@ class Regularization(Claim):
             if (BN, 0.0, s) in gaps and (NO_NORM, 0.0, s) in gaps
         ]
         if not seeds:
-            return self.verdict(
-                ctx, records, verdict=INCONCLUSIVE, effect=None, interval=None,
-                effect_label=label, details=details,
+            return self.inconclusive(
+                ctx, records, effect_label=label, details=details,
                 summary="No seed has a finished run with and without BatchNorm (no "
                 "dropout), so the gaps cannot be compared.",
             )
         effects = [gaps[(NO_NORM, 0.0, s)] - gaps[(BN, 0.0, s)] for s in seeds]
-        mean, low, high = t_interval(effects)
-        verdict = decide(low, high, mean, margin=MIN_EFFECT)
+        verdict, mean, low, high = decide_effects(effects, margin=MIN_EFFECT)
         details["per_seed_effect"] = effects
 
         cells = details["cells"]

@@ -36,7 +36,7 @@ from ..report import plots
 from .base import Claim, StudyContext, Verdict
 from .budget import BN, CONDITION_COLORS, CONDITION_LABELS, NO_NORM
 from .ics import probed_config, run_mean
-from .stats import INCONCLUSIVE, decide, t_interval
+from .stats import decide, t_interval
 
 LR = 0.1
 LANDSCAPE_POINTS = 4
@@ -120,9 +120,8 @@ class Smoothness(Claim):
                 }
         label = "log10(mean beta none / mean beta BatchNorm), decades"
         if ratios["beta"] is None:
-            return self.verdict(
-                ctx, records, verdict=INCONCLUSIVE, effect=None, interval=None,
-                effect_label=label, details=details,
+            return self.inconclusive(
+                ctx, records, effect_label=label, details=details,
                 summary="Some seeds have no finite beta-smoothness in one condition, "
                 "so the paired ratio is unknown.",
             )

@@ -44,3 +44,30 @@ def decide(low: float, high: float, effect: float, margin: float) -> str:
     if high < margin:
         return NOT_SUPPORTED
     return INCONCLUSIVE
+
+
+def decide_effects(effects: Sequence[float], margin: float) -> tuple[str, float, float, float]:
+    """Return ``(verdict, mean, low, high)`` for per-seed ``effects``: their mean, its
+    t-interval (:func:`t_interval`) and :func:`decide`'s verdict at ``margin``."""
+    mean, low, high = t_interval(effects)
+    return decide(low, high, mean, margin), mean, low, high
+
+
+def final_accuracy(record, chance: float, metric: str = "val_acc") -> float:
+    """Return the run's final ``metric``, or ``chance`` when the run diverged or the value
+    is not finite: a run that did not train counts as guessing."""
+    value = record.final.get(metric, math.nan)
+    if record.status != "finished" or not math.isfinite(value):
+        return chance
+    return value
+
+
+def accuracy_table(records, chance: float, fields: Sequence[str]) -> dict:
+    """Return ``{(config field values..., seed): final val acc}`` over ``records``, with
+    :func:`final_accuracy`'s chance for diverged runs. ``fields`` names the
+    :class:`~normlab.train.config.TrainConfig` fields that tell the grid's cells apart."""
+    return {
+        tuple(getattr(r.config, name) for name in fields) + (r.config.seed,):
+            final_accuracy(r, chance)
+        for r in records
+    }

@@ -41,7 +41,7 @@ from ..report import plots
 from .base import Claim, StudyContext, Verdict
 from .budget import BN, base_config
 from .faster_convergence import LRS
-from .stats import INCONCLUSIVE, decide, t_interval
+from .stats import decide_effects
 
 WN = "weightnorm"
 NORMS = (BN, WN)
@@ -116,15 +116,13 @@ class WeightNormGeneralization(Claim):
             if test[BN][s] is not None and test[WN][s] is not None
         ]
         if not seeds:
-            return self.verdict(
-                ctx, records, verdict=INCONCLUSIVE, effect=None, interval=None,
-                effect_label=label, details=details,
+            return self.inconclusive(
+                ctx, records, effect_label=label, details=details,
                 summary="No seed has a run of both BatchNorm and weight norm at their "
                 "selected learning rates; rerun normlab verify.",
             )
         effects = [test[BN][s] - test[WN][s] for s in seeds]
-        mean, low, high = t_interval(effects)
-        verdict = decide(low, high, mean, margin=MIN_EFFECT)
+        verdict, mean, low, high = decide_effects(effects, margin=MIN_EFFECT)
         details["per_seed_effect"] = effects
 
         selected = details["at_best_lr"]

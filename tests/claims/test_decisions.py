@@ -8,7 +8,7 @@ import pytest
 from normlab.claims import INCONCLUSIVE, NOT_SUPPORTED, SUPPORTED, StudyContext, get_claim
 from normlab.claims.faster_convergence import LRS, steps_to_target
 from normlab.claims.higher_lr import lr_grid
-from normlab.claims.stats import decide, t_interval
+from normlab.claims.stats import accuracy_table, decide, decide_effects, t_interval
 from normlab.claims.budget import base_config
 from normlab.store import RunRecord
 
@@ -202,3 +202,17 @@ def test_faster_convergence_unresolved_at_first_evaluation():
     )
     assert verdict.verdict == INCONCLUSIVE
     assert "first evaluation (step 10)" in verdict.summary
+
+
+def test_accuracy_table_counts_diverged_and_nan_runs_as_chance():
+    runs = [record("batchnorm", 0.1, 0, 0.9), record("none", 0.1, 0, 0.5, "diverged"),
+            record("none", 1.0, 1, math.nan)]
+    table = accuracy_table(runs, chance=0.1, fields=("norm", "lr"))
+    assert table == {("batchnorm", 0.1, 0): 0.9, ("none", 0.1, 0): 0.1, ("none", 1.0, 1): 0.1}
+
+
+def test_decide_effects_returns_the_verdict_of_its_interval():
+    verdict, mean, low, high = decide_effects([0.2, 0.3, 0.25], margin=0.1)
+    assert (mean, low, high) == pytest.approx(t_interval([0.2, 0.3, 0.25]))
+    assert verdict == SUPPORTED == decide(low, high, mean, 0.1)
+    assert decide_effects([0.01, 0.02, 0.015], margin=0.1)[0] == NOT_SUPPORTED
