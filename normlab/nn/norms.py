@@ -346,7 +346,30 @@ class _PerSampleNorm(nn.Module):
         return group_norm(input, num_groups, self.weight, self.bias, self.eps)
 
 
-class LayerNorm(_PerSampleNorm):
+class _FeatureNorm(_PerSampleNorm):
+    """A per-sample normalization whose constructor takes ``num_features`` first, as
+    ``torch.nn.BatchNorm*d`` does: the base of LayerNorm and InstanceNorm*d."""
+
+    num_features: int
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        affine: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        bias: bool = True,
+    ) -> None:
+        super().__init__(num_features, eps, affine, bias, device, dtype)
+        self.num_features = num_features
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}, affine={self.affine}"
+
+
+class LayerNorm(_FeatureNorm):
     r"""Layer Normalization over all channels and positions of each sample.
 
     Ba, Kiros and Hinton, "Layer Normalization", 2016
@@ -377,24 +400,6 @@ class LayerNorm(_PerSampleNorm):
         - Input: :math:`(N, C, *)`, any number of positions ``*`` including none.
         - Output: same shape and dtype as the input.
     """
-
-    num_features: int
-
-    def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        affine: bool = True,
-        device=None,
-        dtype=None,
-        *,
-        bias: bool = True,
-    ) -> None:
-        super().__init__(num_features, eps, affine, bias, device, dtype)
-        self.num_features = num_features
-
-    def extra_repr(self) -> str:
-        return f"{self.num_features}, eps={self.eps}, affine={self.affine}"
 
     def forward(self, input: Tensor) -> Tensor:
         return self._normalize(input, num_groups=1)
@@ -472,31 +477,14 @@ class GroupNorm(_PerSampleNorm):
         return self._normalize(input, self.num_groups)
 
 
-class _InstanceNorm(_PerSampleNorm):
+class _InstanceNorm(_FeatureNorm):
     """Common base of InstanceNorm1d, InstanceNorm2d and InstanceNorm3d.
 
     Subclasses set ``_expected_dim`` and ``_shape_desc``.
     """
 
-    num_features: int
     _expected_dim: int
     _shape_desc: str
-
-    def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        affine: bool = True,
-        device=None,
-        dtype=None,
-        *,
-        bias: bool = True,
-    ) -> None:
-        super().__init__(num_features, eps, affine, bias, device, dtype)
-        self.num_features = num_features
-
-    def extra_repr(self) -> str:
-        return f"{self.num_features}, eps={self.eps}, affine={self.affine}"
 
     def forward(self, input: Tensor) -> Tensor:
         name = type(self).__name__
