@@ -21,7 +21,6 @@ Importing this module registers :class:`GANConfig` with the run store and
 
 from __future__ import annotations
 
-import collections
 import copy
 import dataclasses
 import hashlib
@@ -44,6 +43,7 @@ from ..nn.weightnorm import init_weight_norm_
 from ..sweep import register_trainer
 from .config import register_config
 from .loop import DIVERGED, FINISHED, RunResult
+from .weights import KeptWeights, trained_state
 
 logger = logging.getLogger(__name__)
 
@@ -548,7 +548,7 @@ def _train(config: GANConfig, data, device, on_step) -> RunResult:
     if diverged:
         logger.debug("run %s diverged at step %d", config.key(), diverged_step)
     else:
-        _keep_weights(config, generator)
+        _KEPT_WEIGHTS.keep(config.key(), generator)
     final = _final_metrics(config, generator, real_images, held_out, history, diverged)
     return RunResult(
         status=DIVERGED if diverged else FINISHED,
@@ -635,18 +635,7 @@ def _final_metrics(config, generator, real_images, held_out, history, diverged) 
 
 # -- trained generators for plots ------------------------------------------------------
 
-_KEPT_WEIGHTS: collections.OrderedDict[str, dict] = collections.OrderedDict()
-
-
-def _keep_weights(config: GANConfig, generator: nn.Module) -> None:
-    state = {
-        name: value.detach().cpu().clone()
-        for name, value in generator.state_dict().items()
-    }
-    _KEPT_WEIGHTS[config.key()] = state
-    _KEPT_WEIGHTS.move_to_end(config.key())
-    while len(_KEPT_WEIGHTS) > MAX_KEPT_MODELS:
-        _KEPT_WEIGHTS.popitem(last=False)
+_KEPT_WEIGHTS = KeptWeights(MAX_KEPT_MODELS)
 
 
 def trained_generator(
@@ -660,19 +649,12 @@ def trained_generator(
     there. The weights are saved into ``checkpoint_dir`` when it is given. Returns None
     when the run diverges.
     """
-    key = config.key()
-    path = Path(checkpoint_dir) / f"{key}.pt" if checkpoint_dir is not None else None
-    state = _KEPT_WEIGHTS.get(key)
-    if state is None and path is not None and path.is_file():
-        state = torch.load(path, map_location="cpu", weights_only=True)
+    state = trained_state(
+        config.key(), _KEPT_WEIGHTS, checkpoint_dir,
+        retrain=lambda: train_gan(config, data).status == FINISHED,
+    )
     if state is None:
-        logger.info("training run %s again to sample its generator", key)
-        if train_gan(config, data).status != FINISHED:
-            return None
-        state = _KEPT_WEIGHTS[key]
-    if path is not None and not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(state, path)
+        return None
     generator, _ = build_gan(config, data.in_channels)
     generator.load_state_dict(state)
     return generator.eval()

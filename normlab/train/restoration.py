@@ -24,7 +24,6 @@ image, is then computed on the crop.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import functools
 import hashlib
@@ -61,6 +60,7 @@ from ..probes.memory import SavedTensorReport, saved_tensor_bytes
 from ..sweep import register_trainer
 from .config import register_config
 from .loop import DIVERGED, FINISHED, RunResult
+from .weights import KeptWeights, trained_state
 
 logger = logging.getLogger(__name__)
 
@@ -712,7 +712,7 @@ def _train(config, data, device, on_step) -> RunResult:
             "run %s diverged at step %d (lr=%g)", config.key(), step, config.lr
         )
     else:
-        _keep_weights(config, model)
+        _KEPT_WEIGHTS.keep(config.key(), model)
     final = _final_metrics(config, data, model, device, diverged)
     finite = [row["val_psnr"] for row in history if math.isfinite(row["val_psnr"])]
     final["best_psnr"] = max(finite, default=math.nan)
@@ -764,18 +764,7 @@ def _final_metrics(config, data, model, device, diverged: bool) -> dict:
 
 # -- trained weights for plots ---------------------------------------------------------
 
-_KEPT_WEIGHTS: collections.OrderedDict[str, dict] = collections.OrderedDict()
-
-
-def _keep_weights(config: RestorationConfig, model: nn.Module) -> None:
-    state = {
-        name: value.detach().cpu().clone()
-        for name, value in model.state_dict().items()
-    }
-    _KEPT_WEIGHTS[config.key()] = state
-    _KEPT_WEIGHTS.move_to_end(config.key())
-    while len(_KEPT_WEIGHTS) > MAX_KEPT_MODELS:
-        _KEPT_WEIGHTS.popitem(last=False)
+_KEPT_WEIGHTS = KeptWeights(MAX_KEPT_MODELS)
 
 
 def trained_model(
@@ -791,20 +780,13 @@ def trained_model(
     there. The weights are saved into ``checkpoint_dir`` when it is given. Returns
     None when the run diverges.
     """
-    key = config.key()
-    path = Path(checkpoint_dir) / f"{key}.pt" if checkpoint_dir is not None else None
-    state = _KEPT_WEIGHTS.get(key)
-    if state is None and path is not None and path.is_file():
-        state = torch.load(path, map_location="cpu", weights_only=True)
+    trainer = train_denoiser if config.task == DENOISE else train_sr
+    state = trained_state(
+        config.key(), _KEPT_WEIGHTS, checkpoint_dir,
+        retrain=lambda: trainer(config, data).status == FINISHED,
+    )
     if state is None:
-        logger.info("training run %s again to show its output", key)
-        trainer = train_denoiser if config.task == DENOISE else train_sr
-        if trainer(config, data).status != FINISHED:
-            return None
-        state = _KEPT_WEIGHTS[key]
-    if path is not None and not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(state, path)
+        return None
     model = build_restoration_model(config, data.channels)
     model.load_state_dict(state)
     return model.eval()
