@@ -1,26 +1,38 @@
-"""Time torch.nn.BatchNorm* against normlab.nn.BatchNorm* on the CPU.
+"""Time torch.nn.BatchNorm* against each normlab.nn.BatchNorm* path on the CPU.
 
 For each shape and memory format this prints the median time of a train-mode forward,
-a train-mode forward plus backward and an eval-mode forward, for torch and for normlab.
-The last column is the ratio torch / normlab, so a value below 1 means normlab is
-slower. Both run in the same process with the same thread count.
+a train-mode forward plus backward and an eval-mode forward, for torch and for each
+normlab path (see normlab.nn.batchnorm.set_batch_norm_backend). The variants are
+timed in interleaved rounds, and each time is the median over rounds. ``torch/cpp``
+is torch's time over the C++ path's, so a value above 1 means normlab is faster.
+``cpp GB/s`` counts the bytes the step must move at least (forward: read x, write y;
+forward+backward adds read dy, read x, write dx) and ``copy GB/s`` is ``x.clone()``
+of the same tensor, timed in the same rounds.
 
 Usage::
 
-    python benchmarks/bn_speed.py            # all shapes
-    python benchmarks/bn_speed.py --quick    # one 2d shape and the 1d shape
-    python benchmarks/bn_speed.py --shapes 16x64x48x48 256x512
+    python benchmarks/bn_speed.py                  # all shapes, 1 thread
+    python benchmarks/bn_speed.py --threads 2
+    python benchmarks/bn_speed.py --quick          # one 2d shape and one 1d shape
+    python benchmarks/bn_speed.py --shapes 16x64x48x48 256x1024
 """
 
 import argparse
+import statistics
 
 import torch
 from torch.utils import benchmark
 
-from normlab.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from normlab.nn.batchnorm import (
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNorm3d,
+    set_batch_norm_backend,
+)
 
-DEFAULT_SHAPES = ["128x64x32x32", "64x64x40x40", "16x64x48x48", "256x512"]
-QUICK_SHAPES = ["16x64x48x48", "256x512"]
+DEFAULT_SHAPES = ["128x64x32x32", "64x64x40x40", "16x64x48x48", "256x1024", "64x100"]
+QUICK_SHAPES = ["16x64x48x48", "256x1024"]
+PATHS = ["reference", "cpp", "composite"]
 MODULES = {
     2: (torch.nn.BatchNorm1d, BatchNorm1d),
     3: (torch.nn.BatchNorm1d, BatchNorm1d),
@@ -28,6 +40,8 @@ MODULES = {
     5: (torch.nn.BatchNorm3d, BatchNorm3d),
 }
 CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
+# Tensor-sized transfers that each mode needs at least.
+TRANSFERS = {"train fwd": 2, "train fwd+bwd": 5, "eval fwd": 2}
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
@@ -50,31 +64,52 @@ def forward_backward(module: torch.nn.Module, x: torch.Tensor, grad: torch.Tenso
     module(x).backward(grad)
 
 
-def time_statement(stmt: str, env: dict, min_run_time: float) -> float:
-    timer = benchmark.Timer(stmt=stmt, globals=env, num_threads=torch.get_num_threads())
-    return timer.blocked_autorange(min_run_time=min_run_time).median
+def make_timer(mode: str, module, x, grad, backend: str | None) -> benchmark.Timer:
+    env = {"module": module, "x": x, "grad": grad, "step": forward_backward}
+    env["torch"] = torch
+    if mode == "train fwd+bwd":
+        stmt = "step(module, x, grad)"
+    else:
+        stmt = "with torch.no_grad(): module(x)"
+    # Each measurement runs on its own, so selecting the backend in the setup keeps
+    # the selection out of the timed statement.
+    setup = "pass" if backend is None else f"set_backend({backend!r})"
+    env["set_backend"] = set_batch_norm_backend
+    return benchmark.Timer(
+        stmt=stmt, setup=setup, globals=env, num_threads=torch.get_num_threads()
+    )
 
 
 def benchmark_case(
-    shape: tuple[int, ...], memory_format: torch.memory_format, min_run_time: float
-) -> list[tuple[str, float, float]]:
+    shape: tuple[int, ...],
+    memory_format: torch.memory_format,
+    paths: list[str],
+    rounds: int,
+    min_run_time: float,
+) -> list[tuple[str, dict[str, float]]]:
+    """Return (mode, {variant: median seconds}) rows, variants timed interleaved."""
     torch_cls, normlab_cls = MODULES[len(shape)]
-    x = torch.randn(shape).contiguous(memory_format=memory_format)
-    x.requires_grad_()
+    x = torch.randn(shape).contiguous(memory_format=memory_format).requires_grad_()
     grad = torch.randn(shape).contiguous(memory_format=memory_format)
+    copy_timer = benchmark.Timer(
+        stmt="x.detach().clone()", globals={"x": x}, num_threads=torch.get_num_threads()
+    )
     rows = []
-    for mode in ("train fwd", "train fwd+bwd", "eval fwd"):
-        times = []
-        for cls in (torch_cls, normlab_cls):
-            module = cls(shape[1]).train(mode != "eval fwd")
-            env = {"module": module, "x": x, "grad": grad, "step": forward_backward}
-            if mode == "train fwd+bwd":
-                stmt = "step(module, x, grad)"
-            else:
-                stmt = "with torch.no_grad(): module(x)"
-                env["torch"] = torch
-            times.append(time_statement(stmt, env, min_run_time))
-        rows.append((mode, times[0], times[1]))
+    for mode in TRANSFERS:
+        training = mode != "eval fwd"
+        timers = {"copy": copy_timer}
+        timers["torch"] = make_timer(
+            mode, torch_cls(shape[1]).train(training), x, grad, None
+        )
+        for path in paths:
+            module = normlab_cls(shape[1]).train(training)
+            timers[path] = make_timer(mode, module, x, grad, path)
+        samples = {name: [] for name in timers}
+        for _ in range(rounds):
+            for name, timer in timers.items():
+                measurement = timer.blocked_autorange(min_run_time=min_run_time)
+                samples[name].append(measurement.median)
+        rows.append((mode, {name: statistics.median(s) for name, s in samples.items()}))
     return rows
 
 
@@ -84,60 +119,83 @@ def main() -> None:
         "--shapes",
         nargs="+",
         type=parse_shape,
-        help="input shapes such as 16x64x48x48 or 256x512 (default: "
+        help="input shapes such as 16x64x48x48 or 256x1024 (default: "
         + " ".join(DEFAULT_SHAPES)
         + "). 4D and 5D shapes run contiguous and channels_last.",
     )
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="run only " + " ".join(QUICK_SHAPES) + " with a shorter timing window",
+        help="run only " + " ".join(QUICK_SHAPES) + " with fewer rounds",
+    )
+    parser.add_argument(
+        "--paths",
+        nargs="+",
+        choices=PATHS,
+        default=PATHS,
+        help="normlab paths to time (default: all of " + ", ".join(PATHS) + ")",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="interleaved timing rounds per measurement (default: 5, or 3 with --quick)",
     )
     parser.add_argument(
         "--min-run-time",
         type=float,
-        default=None,
-        help="seconds of timing per measurement (default: 1.0, or 0.3 with --quick)",
+        default=0.1,
+        help="seconds of timing per variant and round (default: 0.1)",
     )
     parser.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="torch intra-op threads (default: torch's)",
+        "--threads", type=int, default=1, help="torch intra-op threads (default: 1)"
     )
     args = parser.parse_args()
 
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     if args.shapes:
         shapes = args.shapes
     else:
-        shapes = [
-            parse_shape(s) for s in (QUICK_SHAPES if args.quick else DEFAULT_SHAPES)
-        ]
-    min_run_time = args.min_run_time or (0.3 if args.quick else 1.0)
+        names = QUICK_SHAPES if args.quick else DEFAULT_SHAPES
+        shapes = [parse_shape(name) for name in names]
+    rounds = args.rounds or (3 if args.quick else 5)
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, times in ms")
-    header = (
-        f"{'shape':<18} {'format':<18} {'mode':<14} "
-        f"{'torch':>9} {'normlab':>9} {'ratio':>6}"
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, times in ms "
+        f"(median of {rounds} interleaved rounds)"
     )
+    columns = ["torch"] + args.paths
+    header = f"{'shape':<14} {'format':<14} {'mode':<14} " + " ".join(
+        f"{name:>10}" for name in columns
+    )
+    if "cpp" in args.paths:
+        header += f" {'torch/cpp':>9} {'cpp GB/s':>9} {'copy GB/s':>9}"
     print(header)
     print("-" * len(header))
     for shape in shapes:
         formats = [torch.contiguous_format]
         if len(shape) in CHANNELS_LAST:
             formats.append(CHANNELS_LAST[len(shape)])
+        nbytes = torch.Size(shape).numel() * 4
         for memory_format in formats:
             name = "x".join(str(size) for size in shape)
-            format_name = str(memory_format).replace("torch.", "")
-            for mode, torch_s, normlab_s in benchmark_case(
-                shape, memory_format, min_run_time
+            format_name = (
+                str(memory_format).replace("torch.", "").replace("_format", "")
+            )
+            for mode, times in benchmark_case(
+                shape, memory_format, args.paths, rounds, args.min_run_time
             ):
-                print(
-                    f"{name:<18} {format_name:<18} {mode:<14} {torch_s * 1e3:>9.3f} "
-                    f"{normlab_s * 1e3:>9.3f} {torch_s / normlab_s:>6.2f}"
+                line = f"{name:<14} {format_name:<14} {mode:<14} " + " ".join(
+                    f"{times[column] * 1e3:>10.3f}" for column in columns
                 )
+                if "cpp" in args.paths:
+                    cpp_rate = TRANSFERS[mode] * nbytes / times["cpp"] / 1e9
+                    copy_rate = 2 * nbytes / times["copy"] / 1e9
+                    line += (
+                        f" {times['torch'] / times['cpp']:>9.2f} {cpp_rate:>9.1f}"
+                        f" {copy_rate:>9.1f}"
+                    )
+                print(line, flush=True)
 
 
 if __name__ == "__main__":

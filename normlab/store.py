@@ -98,13 +98,19 @@ class RunStore:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(self.path, timeout=60.0, isolation_level=None)
+            # check an existing file before the first write, so that a foreign database
+            # or a store of a newer normlab is left as it is
+            self._check_columns()
+            self._reject_newer_schema()
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA foreign_keys=ON")
             self._db.executescript(_SCHEMA)
-            self._check_columns()
             with self._transaction():
                 self._check_version()
+        except StoreError:
+            self._db.close()
+            raise
         except sqlite3.DatabaseError as error:
             raise StoreError(
                 f"cannot open run store {self.path}: {error}; pass another --out folder or "
@@ -120,6 +126,8 @@ class RunStore:
 
     def _check_columns(self) -> None:
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(runs)")}
+        if not columns:  # no runs table yet: a new store
+            return
         missing = {"key", "task", "config", "status", "final"} - columns
         if missing:
             raise StoreError(
@@ -139,18 +147,30 @@ class RunStore:
         return stored
 
     def _check_version(self) -> None:
-        row = self._db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-        if row is None:
+        """Record the schema version in a new store; raise for a newer one."""
+        if self._reject_newer_schema() is None:
             self._db.execute(
                 "INSERT INTO meta VALUES ('schema_version', ?), ('created_by', ?)",
                 (str(SCHEMA_VERSION), f"normlab {__version__}"),
             )
-        elif int(row[0]) > SCHEMA_VERSION:
+
+    def _reject_newer_schema(self) -> Optional[str]:
+        """Return the stored schema version (None if there is none), raising if newer."""
+        has_meta = self._db.execute(
+            "SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'"
+        ).fetchone()
+        if not has_meta:  # a new file, before the schema is created
+            return None
+        row = self._db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        if row is None:
+            return None
+        if int(row[0]) > SCHEMA_VERSION:
             raise StoreError(
                 f"run store {self.path} has schema version {row[0]}, written by a newer "
                 f"normlab; this is normlab {__version__} (schema {SCHEMA_VERSION}). Upgrade "
                 "normlab or pass another --out folder"
             )
+        return row[0]
 
     def close(self) -> None:
         self._db.close()
@@ -206,12 +226,17 @@ class RunStore:
                 ),
             )
 
-    def fail(self, run_id: int, error: str) -> None:
-        """Record that a run raised; the next sweep trains it again."""
+    def fail(self, run_id: int, error: str, extra_attempts: int = 0) -> None:
+        """Record that a run raised; the next sweep trains it again.
+
+        ``extra_attempts`` adds attempts that ran without :meth:`start`, such as the retries
+        that Ray makes on its own after a worker process dies.
+        """
         with self._transaction():
             self._db.execute(
-                "UPDATE runs SET status=?, error=?, ended_at=? WHERE id=?",
-                (FAILED, error, time.time(), run_id),
+                "UPDATE runs SET status=?, error=?, ended_at=?, attempts=attempts+? "
+                "WHERE id=?",
+                (FAILED, error, time.time(), extra_attempts, run_id),
             )
 
     # -- reading -----------------------------------------------------------------------
@@ -293,6 +318,13 @@ class _Transaction:
         try:
             self._db.execute("ROLLBACK" if exc_type else "COMMIT")
         except sqlite3.Error as error:
+            # SQLite may keep a transaction open after a failed COMMIT (a full disk, an
+            # I/O error), and it must be rolled back before the next write
+            if self._db.in_transaction:
+                try:
+                    self._db.execute("ROLLBACK")
+                except sqlite3.Error as rollback_error:
+                    logger.warning("rollback of %s failed: %s", self._path, rollback_error)
             raise self._store_error(error) from error
         if exc_type is not None and issubclass(exc_type, sqlite3.Error):
             raise self._store_error(exc) from exc

@@ -18,7 +18,7 @@ from .claims import CLAIMS, StudyContext, Verdict, get_claim
 from .claims.base import SCALES
 from .report import write_report
 from .store import RunStore, StoreError
-from .sweep import run_sweep
+from .sweep import BACKENDS, RAY_INSTALL_HINT, open_executor, ray_available, run_sweep
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +41,15 @@ class VerifyOptions:
     device: str = "cpu"
     threads: Optional[int] = 1
     progress: bool = True
+    workers: int = 1
+    backend: Optional[str] = None  # None: "in-process" for 1 worker, else "process"
+    address: Optional[str] = None
+
+    def resolved_backend(self) -> str:
+        """Return the backend to train on, choosing one when ``backend`` is None."""
+        if self.backend is not None:
+            return self.backend
+        return "in-process" if self.workers == 1 else "process"
 
     def validate(self) -> None:
         if self.scale not in SCALES:
@@ -51,11 +60,29 @@ class VerifyOptions:
             raise ValueError(f"--threads must be a positive integer, got {self.threads!r}")
         if not str(self.out).strip():
             raise ValueError("--out must name a folder, got an empty string")
+        self._validate_backend()
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"--device must be cpu or cuda, got {self.device!r}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError("--device cuda requested but CUDA is not available; "
                              "use --device cpu")
+
+    def _validate_backend(self) -> None:
+        if not isinstance(self.workers, int) or self.workers < 1:
+            raise ValueError(f"--workers must be a positive integer, got {self.workers!r}")
+        if self.backend is not None and self.backend not in BACKENDS:
+            raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}, "
+                             f"got {self.backend!r}")
+        backend = self.resolved_backend()
+        if self.address is not None and backend != "ray":
+            raise ValueError(f"--address applies to --backend ray only, got backend "
+                             f"{backend}; add --backend ray or drop --address")
+        if backend == "in-process" and self.workers > 1:
+            raise ValueError(f"--backend in-process trains one run at a time, got --workers "
+                             f"{self.workers}; use --backend process or ray, or --workers 1")
+        if backend == "ray" and not ray_available():
+            raise ValueError(f"--backend ray needs the ray package, which is not installed; "
+                             f"{RAY_INSTALL_HINT}")
 
 
 def check_output_dir(out: Path) -> None:
@@ -123,7 +150,9 @@ def verify(options: VerifyOptions) -> list[Verdict]:
     check_output_dir(out)
     with output_lock(out), RunStore(out / DB_NAME) as store:
         _check_store_settings(store, loaded)
-        verdicts = _run_claims(claims, loaded, store, options, out)
+        with open_executor(options.resolved_backend(), options.workers, options.threads,
+                           options.address) as executor:
+            verdicts = _run_claims(claims, loaded, store, options, out, executor)
     meta = {"dataset": options.dataset, "scale": options.scale, "seeds": options.seeds,
             "threads": torch.get_num_threads()}
     write_report(verdicts, out, meta)
@@ -152,14 +181,16 @@ def _check_store_settings(store: RunStore, loaded: dict) -> None:
         )
 
 
-def _run_claims(claims, loaded: dict, store: RunStore, options, out: Path) -> list[Verdict]:
+def _run_claims(claims, loaded: dict, store: RunStore, options, out: Path,
+                executor=None) -> list[Verdict]:
     verdicts = []
     for claim in claims:
         started = time.perf_counter()
         dataset, data = loaded[claim.task]
         ctx = StudyContext(dataset, data, options.scale, options.seeds, options.device)
         configs = claim.configs(ctx)
-        records = run_sweep(configs, store, data, options.progress, desc=claim.id)
+        records = run_sweep(configs, store, data, options.progress, desc=claim.id,
+                            executor=executor)
         verdict = decide(claim, ctx, records, out)
         # training time of the claim's runs, whichever call trained them
         verdict.wall_time = sum(r.wall_time or 0.0 for r in records.values())

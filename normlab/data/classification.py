@@ -181,7 +181,8 @@ def validate_arrays(
     fix = "replace the file with an intact copy"
     if x.dtype != np.uint8:
         raise DataError(
-            f"images in {origin} have dtype {x.dtype}, expected uint8; {fix}"
+            f"images in {origin} have dtype {x.dtype}{_non_finite(x)}, expected uint8 "
+            f"pixels from 0 to 255; {fix}, or save x as uint8 pixels"
         )
     if x.ndim != len(image_shape) + 1 or x.shape[1:] != image_shape:
         raise DataError(
@@ -190,8 +191,8 @@ def validate_arrays(
         )
     if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
         raise DataError(
-            f"labels in {origin} have shape {y.shape} and dtype {y.dtype}, expected a "
-            f"1-d integer array; {fix}"
+            f"labels in {origin} have shape {y.shape} and dtype {y.dtype}"
+            f"{_non_finite(y)}, expected a 1-d integer array; {fix}"
         )
     if y.shape[0] != x.shape[0]:
         raise DataError(
@@ -204,6 +205,17 @@ def validate_arrays(
         )
     if x.shape[0] == 0:
         raise DataError(f"{origin} contains no images; {fix}")
+
+
+def _non_finite(array: np.ndarray) -> str:
+    """Return ", with N NaN and M Inf values" for a float array that has any, else ""."""
+    if not np.issubdtype(array.dtype, np.floating):
+        return ""
+    num_nan = int(np.isnan(array).sum())
+    num_inf = int(np.isinf(array).sum())
+    if num_nan == 0 and num_inf == 0:
+        return ""
+    return f", with {num_nan} NaN and {num_inf} Inf values"
 
 
 def read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:

@@ -48,6 +48,11 @@ from normlab.data.imresize import imresize, round_to_uint8
 
 logger = logging.getLogger(__name__)
 
+
+class SetNotFoundError(DataError):
+    """A data folder that contains no folder of the requested restoration set."""
+
+
 IMAGE_EXTENSIONS = (".png", ".bmp", ".jpg", ".jpeg", ".tif", ".tiff")
 MODES = ("L", "RGB")
 
@@ -408,8 +413,9 @@ def load_restoration(
             :func:`download_restoration`, checking every file's SHA-256 sum.
 
     Raises:
-        DataError: for an unknown name, a missing data folder, no matching folder, or
-            any error of :func:`load_image_folder`.
+        DataError: for an unknown name, a missing data folder, or any error of
+            :func:`load_image_folder`.
+        SetNotFoundError: for a data folder without a matching folder.
     """
     key = name.strip().lower() if isinstance(name, str) else name
     if key not in RESTORATION_DATASETS:
@@ -459,7 +465,7 @@ def load_restoration(
                 image_set.images,
                 image_set.paths,
             )
-    raise DataError(
+    raise SetNotFoundError(
         f"{key} not found in {base}; searched (case-insensitively) "
         f"{', '.join(searched)}. Put the {key} images in one of these folders, or "
         f"pass --download (download=True) to fetch them"

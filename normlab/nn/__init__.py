@@ -22,6 +22,7 @@ from .norms import (
     default_num_groups,
     group_norm,
 )
+from .sync_batchnorm import SyncBatchNorm, convert_sync, sync_batch_norm
 from .weightnorm import WeightNorm, init_weight_norm_, remove_weight_norm, weight_norm
 
 __all__ = [
@@ -37,9 +38,11 @@ __all__ = [
     "InstanceNorm3d",
     "LayerNorm",
     "NORMS",
+    "SyncBatchNorm",
     "WeightNorm",
     "batch_norm",
     "convert_norm",
+    "convert_sync",
     "create_norm",
     "default_num_groups",
     "group_norm",
@@ -47,6 +50,7 @@ __all__ = [
     "register_norm",
     "remove_weight_norm",
     "resolve_norm_name",
+    "sync_batch_norm",
     "uses_bias",
     "weight_norm",
     "wrap_layer",

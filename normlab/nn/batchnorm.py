@@ -14,13 +14,29 @@ rounding. Forward and backward run through :class:`_BatchNormFunction`, which ne
 calls a ``batch_norm`` operator of torch, so the lab can inspect and change every step.
 """
 
+import contextlib
 import math
+import os
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
+from torch import distributed as dist
+from torch.autograd import forward_ad
 from torch.autograd.function import once_differentiable
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "batch_norm"]
+from . import _cpu_kernels
+
+__all__ = [
+    "BACKENDS",
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "batch_norm",
+    "batch_norm_backend",
+    "get_batch_norm_backend",
+    "set_batch_norm_backend",
+]
 
 
 # Half-precision inputs are normalized in float32, as torch's CPU kernels do.
@@ -192,7 +208,8 @@ def _batch_statistics(
     centered = input - rough_mean.view(_per_channel_view(input))
     residual = centered.mean(dim=dims)
     var = centered.square().mean(dim=dims) - residual.square()
-    return rough_mean + residual, centered, residual, var.clamp_min_(0)
+    # Out of place, so the composite path can differentiate through it.
+    return rough_mean + residual, centered, residual, var.clamp_min(0)
 
 
 class _BatchNormFunction(torch.autograd.Function):
@@ -204,10 +221,10 @@ class _BatchNormFunction(torch.autograd.Function):
     invstd``. Eval saves the input and the running statistics. The backward computes
     dx, dweight and dbias from them in closed form.
 
-    NOTE: the backward is once-differentiable, so a second backward (a gradient penalty,
-    ``gradgradcheck``), forward-mode AD and ``torch.func.vmap`` raise, where
-    ``torch.nn.BatchNorm*d`` supports them. Use ``create_norm("torch-batchnorm", ...)``
-    for those.
+    The backward is once-differentiable, so a second backward through this class
+    raises. :func:`batch_norm` routes ``torch.func`` transforms and forward-mode AD to
+    :func:`_batch_norm_composite` instead, and ``set_batch_norm_backend("composite")``
+    selects that path for a second backward.
     """
 
     @staticmethod
@@ -333,6 +350,133 @@ class _BatchNormFunction(torch.autograd.Function):
         return grad_input, grad_weight, grad_bias, None, None, None, None, None
 
 
+def _batch_norm_composite(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    training: bool,
+    momentum: float,
+    eps: float,
+) -> Tensor:
+    """Batch Normalization from differentiable torch operations, with no custom backward.
+
+    The math and rounding are those of :class:`_BatchNormFunction`, and autograd
+    derives every gradient, so double backward, forward-mode AD and the
+    ``torch.func`` transforms (``vmap``, ``grad``, ``jvp``) work. The running
+    statistics are updated in place from detached batch statistics, so under
+    ``vmap`` with batched buffers each run updates its own slice.
+    """
+    compute_dtype = _compute_dtype(input.dtype)
+    view = _per_channel_view(input)
+    if training:
+        mean, centered, offset, var = _batch_statistics(input, compute_dtype)
+        num_values = _values_per_channel(input)
+        if running_mean is not None and num_values > 0:
+            _update_running_stats(
+                running_mean,
+                running_var,
+                mean.detach(),
+                var.detach(),
+                num_values,
+                momentum,
+            )
+        invstd = torch.rsqrt(var + eps)
+        if _params_in_input_dtype(input, weight, bias, running_mean):
+            # Round as _BatchNormFunction does. The casts pass gradients unchanged.
+            rounded_mean = mean.to(input.dtype).to(compute_dtype)
+            offset = offset + (rounded_mean - mean)
+            invstd = invstd.to(input.dtype).to(compute_dtype)
+    else:
+        # A copy, so a later in-place update of running_mean does not invalidate
+        # what autograd saved.
+        centered = input
+        offset = running_mean.to(compute_dtype, copy=True)
+        invstd = torch.rsqrt(running_var.to(compute_dtype) + eps)
+    scale = invstd if weight is None else invstd * weight.to(compute_dtype)
+    shift = -offset * scale
+    if bias is not None:
+        shift = shift + bias.to(compute_dtype)
+    output = torch.addcmul(shift.view(view), centered, scale.view(view))
+    return output.to(input.dtype)
+
+
+BACKENDS = ("auto", "reference", "cpp", "composite")
+_BACKEND_ENVIRONMENT_VARIABLE = "NORMLAB_BN_BACKEND"
+
+
+def _validate_backend(backend: str, source: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(
+            f"invalid batch_norm backend {backend!r} from {source}, expected one of "
+            + ", ".join(BACKENDS)
+        )
+    return backend
+
+
+_backend = _validate_backend(
+    os.environ.get(_BACKEND_ENVIRONMENT_VARIABLE, "auto").strip().lower() or "auto",
+    f"the environment variable {_BACKEND_ENVIRONMENT_VARIABLE}",
+)
+
+
+def get_batch_norm_backend() -> str:
+    """Return the backend that :func:`batch_norm` uses: one of :data:`BACKENDS`."""
+    return _backend
+
+
+def set_batch_norm_backend(backend: str) -> None:
+    """Select the implementation behind :func:`batch_norm` and the BatchNorm modules.
+
+    Args:
+        backend (str): one of
+
+            - ``"auto"`` (the default): the C++ kernels for CPU float32 and float64
+              input when they build, the Triton kernels of
+              ``normlab.nn.triton_batchnorm`` for CUDA input when Triton is installed,
+              the reference path otherwise.
+            - ``"reference"``: :class:`_BatchNormFunction`, the pure-PyTorch path with
+              an analytic, once-differentiable backward.
+            - ``"cpp"``: the C++ kernels for CPU float32 and float64 input, and the
+              reference path for other input. Raises ``RuntimeError`` if the kernels
+              fail to build.
+            - ``"composite"``: differentiable torch operations with autograd deriving
+              the backward. Select it for a second backward (a gradient penalty,
+              ``gradgradcheck``).
+
+    Inside a ``torch.func`` transform (``vmap``, ``grad``, ``jvp``) or a forward-mode
+    AD level, every backend but ``"composite"`` would fail, so :func:`batch_norm` takes
+    the composite path there whatever the selection. The environment variable
+    ``NORMLAB_BN_BACKEND`` sets the initial selection.
+    """
+    global _backend
+    _backend = _validate_backend(backend, "set_batch_norm_backend")
+
+
+@contextlib.contextmanager
+def batch_norm_backend(backend: str) -> Iterator[None]:
+    """Select a backend (see :func:`set_batch_norm_backend`) inside a ``with`` block.
+
+    The previous selection returns on exit. The selection is global to the process,
+    not local to a thread.
+    """
+    previous = get_batch_norm_backend()
+    set_batch_norm_backend(backend)
+    try:
+        yield
+    finally:
+        set_batch_norm_backend(previous)
+
+
+def _needs_composite() -> bool:
+    # forward_ad._current_level is -1 outside any dual_level context (torch 2.13).
+    return (
+        torch._C._are_functorch_transforms_active()
+        or forward_ad._current_level >= 0
+    )
+
+
 def batch_norm(
     input: Tensor,
     running_mean: Tensor | None,
@@ -390,9 +534,96 @@ def batch_norm(
         input dtype.
     """
     _check_input(input, running_mean, running_var, weight, bias, training, eps)
+    arguments = (input, running_mean, running_var, weight, bias, training, momentum, eps)
+    if _backend == "composite" or _needs_composite():
+        return _batch_norm_composite(*arguments)
+    if _backend == "auto" and input.is_cuda and _triton_available(input):
+        return _TritonBatchNormFunction.apply(
+            input, weight, bias, running_mean, running_var, training, momentum, eps
+        )
+    ops = _cpp_kernels_for(input)
+    if ops is not None:
+        memory_format = _suggest_memory_format(input)
+        return _cpu_kernels.CppBatchNormFunction.apply(
+            ops, input, weight, bias, running_mean, running_var, training, momentum,
+            eps, memory_format,
+        )
     return _BatchNormFunction.apply(
         input, weight, bias, running_mean, running_var, training, momentum, eps
     )
+
+
+def _triton_available(input: Tensor) -> bool:
+    # The import is deferred so CPU-only use never loads Triton. The module imports
+    # without Triton installed and then reports every tensor as unsupported.
+    from . import triton_batchnorm
+
+    return triton_batchnorm.is_available(input)
+
+
+class _TritonBatchNormFunction(torch.autograd.Function):
+    """Batch Normalization of CUDA tensors through ``normlab.nn.triton_batchnorm``.
+
+    NOTE: written against that module's documented contract and not run here, because
+    this machine has no CUDA device. The half-precision rounding of
+    :class:`_BatchNormFunction` is not reproduced, so float16 outputs may differ from
+    torch's in the last bit.
+    """
+
+    @staticmethod
+    def forward(
+        ctx, input, weight, bias, running_mean, running_var, training, momentum, eps
+    ):
+        from . import triton_batchnorm
+
+        if training:
+            output, mean, invstd, var = triton_batchnorm.forward_train(
+                input, weight, bias, eps
+            )
+            num_values = _values_per_channel(input)
+            if running_mean is not None and num_values > 0:
+                _update_running_stats(
+                    running_mean, running_var, mean, var, num_values, momentum
+                )
+        else:
+            output = triton_batchnorm.forward_eval(
+                input, running_mean, running_var, weight, bias, eps
+            )
+            mean = running_mean.to(torch.float32, copy=True)
+            invstd = torch.rsqrt(running_var.to(torch.float32) + eps)
+        ctx.save_for_backward(input, weight, mean, invstd)
+        ctx.training = training
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return output
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        from . import triton_batchnorm
+
+        input, weight, mean, invstd = ctx.saved_tensors
+        grad_input, grad_weight, grad_bias = triton_batchnorm.backward(
+            grad_output, input, mean, invstd, weight, ctx.training
+        )
+        needs_input, needs_weight, needs_bias = ctx.needs_input_grad[:3]
+        grad_input = grad_input if needs_input else None
+        grad_weight = grad_weight if needs_weight else None
+        grad_bias = grad_bias.to(ctx.bias_dtype) if needs_bias else None
+        return grad_input, grad_weight, grad_bias, None, None, None, None, None
+
+
+def _cpp_kernels_for(input: Tensor):
+    # The C++ kernels under the "auto" and "cpp" backends, or None for the reference.
+    if _backend not in ("auto", "cpp") or not _cpu_kernels.supports(input):
+        return None
+    ops = _cpu_kernels.load_extension()
+    if ops is None and _backend == "cpp":
+        raise RuntimeError(
+            "the batch_norm backend is 'cpp', but normlab's C++ kernels failed to "
+            "load (see the logged warning). Select 'auto' or 'reference' with "
+            "set_batch_norm_backend."
+        )
+    return ops
 
 
 class _BatchNorm(nn.Module):
@@ -420,10 +651,12 @@ class _BatchNorm(nn.Module):
         dtype=None,
         *,
         bias: bool = True,
+        process_group=None,
     ) -> None:
         factory_kwargs = {"device": device, "dtype": dtype}
         super().__init__()
         self.num_features = num_features
+        self.process_group = process_group
         self.eps = eps
         self.momentum = momentum
         self.affine = affine
@@ -539,6 +772,20 @@ class _BatchNorm(nn.Module):
         )
         # The buffers are updated only in training with track_running_stats=True.
         pass_buffers = not self.training or self.track_running_stats
+        if self.training and dist.is_available() and dist.is_initialized():
+            # Imported here because sync_batchnorm imports this module.
+            from .sync_batchnorm import sync_batch_norm
+
+            return sync_batch_norm(
+                input,
+                self.running_mean if pass_buffers else None,
+                self.running_var if pass_buffers else None,
+                self.weight,
+                self.bias,
+                average_factor,
+                self.eps,
+                self.process_group,
+            )
         return batch_norm(
             input,
             self.running_mean if pass_buffers else None,
@@ -577,6 +824,13 @@ _CLASS_DOC_TEMPLATE = r"""Batch Normalization layer for {input_desc}.
         dtype (torch.dtype, optional): dtype of the parameters and running statistics.
         bias (bool, keyword-only): if ``False`` (and ``affine`` is ``True``), learn no
             shift. Default: ``True``
+        process_group (ProcessGroup, keyword-only): in training, when
+            ``torch.distributed`` is initialized and this group (``None``: the default
+            group) has more than one process, take the batch statistics over the
+            inputs of the whole group (see :func:`normlab.nn.sync_batch_norm`). Unlike
+            ``torch.nn.{name}``, the layer therefore synchronizes by default in an
+            initialized group, and every process must call it in step. A group of the
+            calling process alone keeps per-process statistics. Default: ``None``
 
     Shape:
         - Input: {input_shape}

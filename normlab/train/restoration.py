@@ -49,6 +49,7 @@ from ..data.restoration import (
     add_noise,
     image_to_tensor,
     load_embedded,
+    SetNotFoundError,
     load_restoration,
     sr_pair,
     tensor_to_image,
@@ -362,7 +363,7 @@ def load_restoration_data(
     for (name,) in optional:
         try:
             tests[name] = load_restoration(name, data_dir, download)
-        except DataError as error:
+        except SetNotFoundError as error:
             logger.info("test set %s skipped: %s", name, error)
     sources = [f"train {train.name}: {train.source}"]
     sources += [f"test {name}: {images.source}" for name, images in tests.items()]
@@ -374,12 +375,13 @@ def load_claim_data(task: str, data_dir=None, download: bool = False) -> Restora
 
     A ``data_dir`` that lacks the sets falls back to the scikit-image photographs with
     a logged warning, because one ``normlab verify --data-dir`` serves the claims of
-    every task.
+    every task. A missing ``data_dir``, or a set that is there but cannot be read (a
+    corrupt image, a checksum mismatch, a set folder without images), raises.
     """
     if data_dir is not None:
         try:
             return load_restoration_data(task, data_dir, download)
-        except DataError as error:
+        except SetNotFoundError as error:
             logger.warning(
                 "%s; the %s claims use the scikit-image photographs instead",
                 error,
@@ -393,7 +395,7 @@ def _first_found(names: tuple[str, ...], data_dir, download: bool = False) -> Im
     for name in names[:-1]:
         try:
             return load_restoration(name, data_dir)
-        except DataError as error:
+        except SetNotFoundError as error:
             logger.info("%s not used: %s", name, error)
     return load_restoration(names[-1], data_dir, download)
 

@@ -16,7 +16,13 @@ from normlab.nn.batchnorm import (
     BatchNorm3d,
     _BatchNorm,
     batch_norm,
+    batch_norm_backend,
 )
+
+# Every path must conform: the pure-PyTorch reference, the C++ kernels (float32 and
+# float64 input; other dtypes take the reference path under "cpp" too) and the
+# composite path of differentiable torch operations.
+PATHS = ["reference", "cpp", "composite"]
 
 TORCH_CLASSES = {
     BatchNorm1d: torch.nn.BatchNorm1d,
@@ -35,6 +41,13 @@ TOLERANCES = {
     torch.float16: {"rtol": 1e-3, "atol": 1e-3},
     torch.bfloat16: {"rtol": 1.6e-2, "atol": 1e-2},
 }
+
+
+@pytest.fixture(params=PATHS)
+def path(request):
+    """Run the test with each batch_norm backend selected."""
+    with batch_norm_backend(request.param):
+        yield request.param
 
 
 def reduction_dims(x: torch.Tensor) -> tuple[int, ...]:
@@ -269,7 +282,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_matches_torch(case):
+def test_matches_torch(case, path):
     module, reference = make_pair(
         case.cls, case.shape[1], param_dtype=case.param_dtype, **case.kwargs
     )
@@ -291,7 +304,7 @@ def test_matches_torch(case):
             assert grad_input.is_contiguous(memory_format=case.memory_format)
 
 
-def test_float16_input_float32_params_dtypes():
+def test_float16_input_float32_params_dtypes(path):
     # torch 2.13 on CPU keeps float32 parameters and running statistics for half
     # input and returns half output and half input gradients.
     module = BatchNorm2d(3)
@@ -306,7 +319,7 @@ def test_float16_input_float32_params_dtypes():
     assert module.running_var.dtype == torch.float32
 
 
-def test_float16_statistics_accumulate_in_float32():
+def test_float16_statistics_accumulate_in_float32(path):
     # 65536 values near 100 sum to about 6.6e6, past the float16 maximum of 65504.
     generator = torch.Generator().manual_seed(2)
     x = (torch.randn(64, 2, 32, 32, generator=generator) + 100).half()
@@ -320,7 +333,7 @@ def test_float16_statistics_accumulate_in_float32():
     assert_close(module.running_var.double(), expected_var, torch.float16)
 
 
-def test_worked_example_by_hand():
+def test_worked_example_by_hand(path):
     # Channel 0 contains 1..4, 2..5, 3..6, 4..7 across the 4 samples: 16 values from 1
     # to 7 with mean 4, biased variance 40 / 16 = 2.5 and unbiased 40 / 15 = 8 / 3.
     # Channel 1 doubles channel 0 (mean 8, variances 10 and 32 / 3). Channel 2 is 5.
@@ -351,7 +364,7 @@ def test_worked_example_by_hand():
     assert y_eval[0, 0, 3].item() == pytest.approx(3.3329381, abs=1e-6)
 
 
-def test_variance_stable_for_large_offset():
+def test_variance_stable_for_large_offset(path):
     # Values near 1e4 with unit spread: in float32 E[x^2] is about 1e8, whose spacing
     # of 8 swamps a variance of 1 in E[x^2] - E[x]^2.
     generator = torch.Generator().manual_seed(3)
@@ -372,7 +385,7 @@ def test_variance_stable_for_large_offset():
     )
 
 
-def test_gradients_accurate_for_large_offset():
+def test_gradients_accurate_for_large_offset(path):
     generator = torch.Generator().manual_seed(8)
     x = torch.randn(64, 4, 8, 8, generator=generator) + 1e4
     grad_output = torch.randn(64, 4, 8, 8, generator=generator)
@@ -394,7 +407,7 @@ def test_gradients_accurate_for_large_offset():
     )
 
 
-def test_eval_large_running_mean_matches_torch():
+def test_eval_large_running_mean_matches_torch(path):
     # Both round shift = bias - mean * scale, so both lose about 4e-4 here, but they
     # must lose it identically.
     generator = torch.Generator().manual_seed(9)
@@ -408,7 +421,7 @@ def test_eval_large_running_mean_matches_torch():
     torch.testing.assert_close(module(x), reference(x), rtol=0.0, atol=1e-6)
 
 
-def test_momentum_none_is_cumulative_average():
+def test_momentum_none_is_cumulative_average(path):
     module = BatchNorm1d(2, momentum=None)
     batches = [
         torch.tensor([[1.0, 0.0], [3.0, 4.0]]),
@@ -422,7 +435,7 @@ def test_momentum_none_is_cumulative_average():
     assert module.num_batches_tracked.item() == 2
 
 
-def test_empty_batch_matches_torch():
+def test_empty_batch_matches_torch(path):
     module, reference = make_pair(BatchNorm2d, 3)
     x = torch.randn(0, 3, 2, 2, requires_grad=True)
     y = module(x)
@@ -447,8 +460,15 @@ class _OpRecorder(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+GRAD_FN_NAMES = {
+    "reference": "_BatchNormFunction",
+    "cpp": "CppBatchNormFunction",
+    "composite": "AddcmulBackward",
+}
+
+
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_no_torch_batch_norm_op(training):
+def test_no_torch_batch_norm_op(training, path):
     module = BatchNorm2d(3).train(training)
     x = torch.randn(4, 3, 5, 5, requires_grad=True)
     with _OpRecorder() as recorder:
@@ -456,7 +476,16 @@ def test_no_torch_batch_norm_op(training):
         y.backward(torch.randn_like(y))
     assert recorder.op_names
     assert not [name for name in recorder.op_names if "batch_norm" in name]
-    assert "_BatchNormFunction" in type(y.grad_fn).__name__
+    assert GRAD_FN_NAMES[path] in type(y.grad_fn).__name__
+
+
+def test_auto_path_uses_cpp_kernels_for_float32():
+    x = torch.randn(4, 3, 5, 5, requires_grad=True)
+    with batch_norm_backend("auto"):
+        y = BatchNorm2d(3)(x)
+        y_half = BatchNorm2d(3)(x.detach().half())
+    assert "CppBatchNormFunction" in type(y.grad_fn).__name__
+    assert y_half.dtype == torch.float16
 
 
 GRADCHECK_SHAPES = [
@@ -469,7 +498,7 @@ GRADCHECK_SHAPES = [
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("shape", GRADCHECK_SHAPES)
-def test_gradcheck(shape, training):
+def test_gradcheck(shape, training, path):
     generator = torch.Generator().manual_seed(4)
     channels = shape[1]
     x = torch.randn(shape, generator=generator, dtype=F64, requires_grad=True)
@@ -497,7 +526,7 @@ def test_gradcheck(shape, training):
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_gradcheck_channels_last_without_weight(training):
+def test_gradcheck_channels_last_without_weight(training, path):
     generator = torch.Generator().manual_seed(5)
     x = torch.randn(3, 2, 3, 2, generator=generator, dtype=F64)
     x = x.contiguous(memory_format=CL).requires_grad_()
@@ -511,9 +540,11 @@ def test_gradcheck_channels_last_without_weight(training):
     assert torch.autograd.gradcheck(function, (x, bias))
 
 
-def test_double_backward_raises():
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_double_backward_raises(backend):
     x = torch.randn(4, 3, dtype=F64, requires_grad=True)
-    y = batch_norm(x, None, None, training=True)
+    with batch_norm_backend(backend):
+        y = batch_norm(x, None, None, training=True)
     (grad_input,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable"):
         grad_input.sum().backward()
@@ -544,7 +575,7 @@ FUNCTIONAL_CASES = [
 
 
 @pytest.mark.parametrize("config", FUNCTIONAL_CASES)
-def test_functional_matches_torch(config):
+def test_functional_matches_torch(config, path):
     generator = torch.Generator().manual_seed(6)
     shape = config.get("shape", (6, 4, 5))
     channels = shape[1]
@@ -603,7 +634,7 @@ def test_functional_matches_torch(config):
         pytest.param(BatchNorm3d, (1, 3, 1, 1, 1), id="3d"),
     ],
 )
-def test_single_value_per_channel_raises(cls, shape):
+def test_single_value_per_channel_raises(cls, shape, path):
     module = cls(3)
     x = torch.randn(shape)
     with pytest.raises(ValueError, match=r"more than 1 value per channel") as info:
@@ -791,7 +822,7 @@ def train_steps(module, shape, steps=3, seed=7):
 
 
 @pytest.mark.parametrize("direction", ["torch-to-normlab", "normlab-to-torch"])
-def test_state_dict_round_trip(direction):
+def test_state_dict_round_trip(direction, path):
     shape = (4, 3, 5, 5)
     if direction == "torch-to-normlab":
         source, target = torch.nn.BatchNorm2d(3), BatchNorm2d(3)
@@ -853,7 +884,9 @@ def test_version2_checkpoint_missing_count_raises(cls):
     eval_last=st.booleans(),
     seed=st.integers(min_value=0, max_value=2**31 - 1),
 )
+@pytest.mark.parametrize("backend", PATHS)
 def test_property_matches_torch(
+    backend,
     rank,
     batch,
     channels,
@@ -879,9 +912,10 @@ def test_property_matches_torch(
     modes = [True, True] if values_per_channel > 1 else []
     if eval_last and (track_running_stats or values_per_channel > 1):
         modes.append(False)
-    for training in modes:
-        module.train(training)
-        reference.train(training)
-        x = random_input(shape, F64, generator)
-        grad_output = torch.randn(shape, generator=generator, dtype=F64)
-        run_step(module, reference, x, grad_output)
+    with batch_norm_backend(backend):
+        for training in modes:
+            module.train(training)
+            reference.train(training)
+            x = random_input(shape, F64, generator)
+            grad_output = torch.randn(shape, generator=generator, dtype=F64)
+            run_step(module, reference, x, grad_output)

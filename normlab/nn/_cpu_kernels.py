@@ -1,0 +1,157 @@
+"""Build, load and call the C++ Batch Normalization kernels in ``csrc/batchnorm_cpu.cpp``.
+
+The extension is built on first use with :func:`torch.utils.cpp_extension.load` into
+torch's extension cache (``$TORCH_EXTENSIONS_DIR``, by default
+``~/.cache/torch_extensions``), so the build is paid once per machine and source
+version. torch's builder holds a file lock in the build folder, so processes that
+start the build at once (pytest-xdist workers) build it once and the others wait.
+When the build fails, one warning is logged and :func:`load_extension` returns
+``None`` for the rest of the process, so callers fall back to the reference path.
+"""
+
+import hashlib
+import logging
+import threading
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+logger = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).resolve().parent / "csrc" / "batchnorm_cpu.cpp"
+# -mavx2 -mfma target the AVX2 machines this project runs on, without tying the
+# binary to the build machine as -march=native would. _cpu_supports_avx2 guards
+# the load. -ffp-contract=off keeps the roundings the source states.
+_CFLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-ffp-contract=off"]
+_LDFLAGS = ["-fopenmp"]
+_SUPPORTED_DTYPES = (torch.float32, torch.float64)
+
+_lock = threading.Lock()
+_extension_state: dict[str, object] = {}
+
+
+def _extension_name() -> str:
+    # The digest keeps builds of different sources or flags in separate folders.
+    digest = hashlib.sha256(_SOURCE.read_bytes())
+    digest.update(" ".join(_CFLAGS + _LDFLAGS + [torch.__version__]).encode())
+    return f"normlab_batchnorm_cpu_{digest.hexdigest()[:12]}"
+
+
+def _cpu_supports_avx2() -> bool:
+    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+
+
+def load_extension() -> object | None:
+    """Build (once per machine) and load the kernels; return ``torch.ops.normlab_bn``.
+
+    Returns ``None`` when the CPU lacks AVX2 or the build fails, after logging one
+    warning with the reason.
+    """
+    with _lock:
+        if "ops" in _extension_state:
+            return _extension_state["ops"]
+        ops = None
+        if not _cpu_supports_avx2():
+            logger.warning(
+                "normlab's C++ batch_norm kernels need AVX2, but torch reports CPU "
+                "capability %s; using the reference path",
+                torch.backends.cpu.get_cpu_capability(),
+            )
+        else:
+            ops = _build()
+        _extension_state["ops"] = ops
+        return ops
+
+
+def _build() -> object | None:
+    from torch.utils import cpp_extension
+
+    try:
+        cpp_extension.load(
+            name=_extension_name(),
+            sources=[str(_SOURCE)],
+            extra_cflags=_CFLAGS,
+            extra_ldflags=_LDFLAGS,
+            is_python_module=False,
+            verbose=False,
+        )
+    except (OSError, RuntimeError, ImportError, ValueError) as error:
+        logger.warning(
+            "building normlab's C++ batch_norm kernels failed, so the reference path "
+            "runs instead (install ninja and a C++ compiler, then restart): %s",
+            error,
+        )
+        return None
+    return torch.ops.normlab_bn
+
+
+def supports(input: Tensor) -> bool:
+    """Return True if the kernels accept ``input``: a non-empty CPU float32/float64 tensor."""
+    return (
+        input.device.type == "cpu"
+        and input.dtype in _SUPPORTED_DTYPES
+        and input.numel() > 0
+    )
+
+
+class CppBatchNormFunction(torch.autograd.Function):
+    """Batch Normalization through the C++ kernels, one call per direction.
+
+    Training saves the input, the mean split into ``mean_hi`` (the mean rounded to the
+    input dtype) and ``mean_lo`` (its rounding error), and ``invstd``. Eval saves the
+    input and the running statistics. The backward is once-differentiable.
+    """
+
+    @staticmethod
+    def forward(
+        ctx,
+        ops,
+        input: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        running_mean: Tensor | None,
+        running_var: Tensor | None,
+        training: bool,
+        momentum: float,
+        eps: float,
+        memory_format: torch.memory_format,
+    ) -> Tensor:
+        input = input.contiguous(memory_format=memory_format)
+        if training:
+            output, mean_hi, mean_lo, invstd = ops.forward_train(
+                input, weight, bias, running_mean, running_var, momentum, eps
+            )
+        else:
+            output = ops.forward_eval(
+                input, weight, bias, running_mean, running_var, eps
+            )
+            if not any(ctx.needs_input_grad):
+                # Inference: skip the per-channel tensors only backward reads.
+                return output
+            mean_hi = running_mean.clone()
+            mean_lo = torch.zeros_like(mean_hi)
+            invstd = torch.rsqrt(running_var + eps)
+        ctx.save_for_backward(input, weight, mean_hi, mean_lo, invstd)
+        ctx.ops = ops
+        ctx.training = training
+        return output
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output: Tensor):
+        input, weight, mean_hi, mean_lo, invstd = ctx.saved_tensors
+        needs_input, needs_weight, needs_bias = ctx.needs_input_grad[1:4]
+        grad_input, grad_weight, grad_bias = ctx.ops.backward(
+            grad_output,
+            input,
+            weight,
+            mean_hi,
+            mean_lo,
+            invstd,
+            ctx.training,
+            needs_input,
+            needs_weight,
+            needs_bias,
+        )
+        return (None, grad_input, grad_weight, grad_bias) + (None,) * 6
