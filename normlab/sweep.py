@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .store import RunRecord, RunStore
+from .train import batched
 from .train.config import TrainConfig
 from .train.loop import train_classifier
 
@@ -99,6 +100,19 @@ def register_group_trainer(
     GROUP_TRAINERS[task] = GroupTrainer(group_key, trainer, max_group)
 
 
+def _classify_group(configs, data):
+    # looked up at call time, like _classify
+    return batched.train_classifiers(configs, data)
+
+
+# MLP runs that differ only in lr, init scale, seed or weight decay train as one batched
+# computation. Every such config goes through it, alone or in a group, so its numbers do
+# not depend on which other runs were pending.
+register_group_trainer(
+    TrainConfig.task, batched.group_key, _classify_group, max_group=batched.MAX_GROUP
+)
+
+
 def _single_trainer(config) -> Callable:
     try:
         return TRAINERS[config.task]
@@ -139,24 +153,30 @@ def _describe(config) -> str:
 def plan_units(pending: Sequence) -> list[_Unit]:
     """Split ``pending`` into units: groups for a registered group trainer, the rest alone.
 
-    Configs with one group key form groups of at most ``max_group`` in their first order.
-    A unit's position is the position of its first config.
+    The configs of one group key are split into the fewest groups of at most
+    ``max_group``, of near-equal sizes (40 configs with max_group 16 give 14, 13 and 13),
+    in their first order. Units are ordered by the position of their first config.
     """
-    units: list[_Unit] = []
-    open_groups: dict[tuple, _Unit] = {}
-    for config in pending:
+    units: list[tuple[int, _Unit]] = []
+    keyed: dict[tuple, list[tuple[int, TrainConfig]]] = {}
+    for position, config in enumerate(pending):
         group = GROUP_TRAINERS.get(config.task)
         key = None if group is None else group.group_key(config)
         if key is None:
-            units.append(_Unit([config], _single_trainer(config), grouped=False))
-            continue
-        unit = open_groups.get((config.task, key))
-        if unit is None or len(unit.configs) >= group.max_group:
-            unit = _Unit([], group.trainer, grouped=True)
-            open_groups[(config.task, key)] = unit
-            units.append(unit)
-        unit.configs.append(config)
-    return units
+            units.append((position, _Unit([config], _single_trainer(config), grouped=False)))
+        else:
+            keyed.setdefault((config.task, key), []).append((position, config))
+    for (task, _), members in keyed.items():
+        group = GROUP_TRAINERS[task]
+        count = -(-len(members) // group.max_group)
+        for chunk in range(count):
+            start = -(-chunk * len(members) // count)
+            end = -(-(chunk + 1) * len(members) // count)
+            part = members[start:end]
+            unit = _Unit([config for _, config in part], group.trainer, grouped=True)
+            units.append((part[0][0], unit))
+    units.sort(key=lambda item: item[0])
+    return [unit for _, unit in units]
 
 
 def train_unit(trainer: Callable, configs: list, data, grouped: bool) -> tuple:

@@ -90,6 +90,8 @@ def tiny_grid():
 
 
 def test_sweep_trains_only_missing_runs(tmp_path, digits, monkeypatch):
+    # one run at a time, through the single-run trainer that the test wraps
+    monkeypatch.setattr(sweep, "GROUP_TRAINERS", {})
     configs = tiny_grid()
     with RunStore(tmp_path / "runs.db") as store:
         first = sweep.run_sweep(configs[:3], store, digits, progress=False)
@@ -126,6 +128,7 @@ def test_sweep_keeps_going_after_a_failing_run(tmp_path, digits, monkeypatch):
         return original(config, data)
 
     monkeypatch.setattr(sweep, "train_classifier", flaky)
+    monkeypatch.setattr(sweep, "GROUP_TRAINERS", {})
     with RunStore(tmp_path / "runs.db") as store:
         records = sweep.run_sweep(configs, store, digits, progress=False)
         counts = store.counts()

@@ -19,6 +19,17 @@ from normlab.train.loop import train_classifier
 from normlab.verify import VerifyOptions
 
 
+@pytest.fixture(scope="module", autouse=True)
+def runs_one_by_one():
+    # These tests wrap the single-run trainer, so the batched trainer of MLP runs (tested
+    # in tests/train/test_batched.py) is unregistered here. Tests that need a group
+    # trainer register their own.
+    saved = dict(sweep.GROUP_TRAINERS)
+    sweep.GROUP_TRAINERS.clear()
+    yield
+    sweep.GROUP_TRAINERS.update(saved)
+
+
 @pytest.fixture(scope="module")
 def digits():
     return load_classification("digits")
