@@ -37,7 +37,9 @@ def time_verify(source: Path, extra: list[str]) -> tuple[dict[str, float], float
         command = [sys.executable, "-m", "normlab", "verify", "--quick", "--no-progress",
                    "-v", "--out", out, *extra]
         started = time.perf_counter()
-        done = subprocess.run(command, env=env, capture_output=True, text=True)
+        # cwd is the empty output folder: `python -m` puts the working directory first on
+        # sys.path, which would shadow PYTHONPATH with a checkout in the caller's folder
+        done = subprocess.run(command, env=env, cwd=out, capture_output=True, text=True)
         total = time.perf_counter() - started
     if done.returncode != 0:
         sys.exit(f"normlab verify from {source} failed ({done.returncode}):\n{done.stderr}")

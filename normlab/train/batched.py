@@ -16,7 +16,9 @@ BatchNorm mirrors, and always for configs without normalization.
 NOTE: normlab's BatchNorm may run C++ kernels instead (its backend ``"auto"``), which
 round differently. BatchNorm runs then agree with one-by-one training to float rounding
 only. A run near the edge of stability amplifies that rounding and can end with another
-accuracy or status, as it would with another thread count.
+accuracy or status, as it would with another thread count. The sweep trains every config
+that has a group key here, alone or in a group, so a stored run's numbers do not depend on
+the other runs pending with it.
 
 :func:`group_key` decides which configs can share a group: they must differ only in the
 fields of ``BATCHED_FIELDS``. Configs with dropout, a CNN, Adam or a normalization other
@@ -43,8 +45,8 @@ from .loop import (
     EVAL_CHUNK,
     FINISHED,
     RunResult,
-    _training_samples,
     build_model,
+    training_samples,
 )
 
 logger = logging.getLogger(__name__)
@@ -466,7 +468,7 @@ class _GroupTraining:
         )
         self.generators = [torch.Generator().manual_seed(c.seed) for c in configs]
 
-        train_x, train_y = _training_samples(self.config, data)
+        train_x, train_y = training_samples(self.config, data)
         self.train_x = train_x.to(device).flatten(1)
         self.train_y = train_y.to(device)
         self.val = (data.val.x.to(device).flatten(1), data.val.y.to(device))

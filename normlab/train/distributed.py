@@ -50,12 +50,12 @@ from .loop import (
     DIVERGED,
     FINISHED,
     RunResult,
-    _evaluation_row,
-    _final_metrics,
-    _training_samples,
     build_model,
     build_optimizer,
+    evaluation_row,
+    final_metrics,
     train_classifier,
+    training_samples,
 )
 
 __all__ = ["torchrun_environment", "train_data_parallel", "validate_split"]
@@ -222,7 +222,7 @@ def _train_replica(config, data, device, rank, world_size) -> RunResult:
         seed = np.random.SeedSequence([config.seed, rank]).generate_state(1)[0]
         torch.manual_seed(int(seed))
 
-    train_x, train_y = _training_samples(config, data)
+    train_x, train_y = training_samples(config, data)
     train_x, train_y = train_x.to(device), train_y.to(device)
     val_x, val_y = data.val.x.to(device), data.val.y.to(device)
     num_train = len(train_x)
@@ -268,7 +268,7 @@ def _train_replica(config, data, device, rank, world_size) -> RunResult:
             if step % config.eval_every == 0 or step == total_steps:
                 # NOTE: every process evaluates the whole split on its replica. The
                 # replicas have equal parameters, so all take the same decisions.
-                row = _evaluation_row(model, step, epoch, step_loss, history, val_x, val_y)
+                row = evaluation_row(model, step, epoch, step_loss, history, val_x, val_y)
                 history.append(row)
                 if rank == 0:
                     logger.info(
@@ -291,7 +291,7 @@ def _train_replica(config, data, device, rank, world_size) -> RunResult:
         "val": (val_x, val_y),
         "test": (data.test.x.to(device), data.test.y.to(device)),
     }
-    final = _final_metrics(model, splits, diverged_step is not None)
+    final = final_metrics(model, splits, diverged_step is not None)
     final["best_val_acc"] = best_val_acc
     return RunResult(
         status=DIVERGED if diverged_step is not None else FINISHED,

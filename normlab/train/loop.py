@@ -188,7 +188,7 @@ def _train(config, data, device, on_step, on_end=None) -> RunResult:
     optimizer = build_optimizer(config, model)
     order_generator = torch.Generator().manual_seed(config.seed)
 
-    train_x, train_y = _training_samples(config, data)
+    train_x, train_y = training_samples(config, data)
     train_x, train_y = train_x.to(device), train_y.to(device)
     val_x, val_y = data.val.x.to(device), data.val.y.to(device)
     num_train = len(train_x)
@@ -231,7 +231,7 @@ def _train(config, data, device, on_step, on_end=None) -> RunResult:
 
             # periodic evaluation on the validation split
             if step % config.eval_every == 0 or step == total_steps:
-                row = _evaluation_row(model, step, epoch, step_loss, history, val_x, val_y)
+                row = evaluation_row(model, step, epoch, step_loss, history, val_x, val_y)
                 history.append(row)
                 if not math.isfinite(row["val_loss"]):
                     diverged_step = step
@@ -247,7 +247,7 @@ def _train(config, data, device, on_step, on_end=None) -> RunResult:
     }
     if on_end is not None:
         on_end(model)
-    final = _final_metrics(model, splits, diverged_step is not None)
+    final = final_metrics(model, splits, diverged_step is not None)
     final["best_val_acc"] = best_val_acc
     status = DIVERGED if diverged_step is not None else FINISHED
     if diverged_step is not None:
@@ -263,7 +263,9 @@ def _train(config, data, device, on_step, on_end=None) -> RunResult:
     )
 
 
-def _evaluation_row(model, step, epoch, step_loss, history, val_x, val_y) -> dict:
+def evaluation_row(model, step, epoch, step_loss, history, val_x, val_y) -> dict:
+    """Evaluate ``model`` on the validation split and return the history row of ``step``,
+    with the mean training loss of the steps since the previous row."""
     since = history[-1]["step"] if history else 0
     recent = step_loss[since:step]
     val_loss, val_acc = evaluate(model, val_x, val_y)
@@ -276,7 +278,7 @@ def _evaluation_row(model, step, epoch, step_loss, history, val_x, val_y) -> dic
     }
 
 
-def _training_samples(config: TrainConfig, data) -> tuple[torch.Tensor, torch.Tensor]:
+def training_samples(config: TrainConfig, data) -> tuple[torch.Tensor, torch.Tensor]:
     """Return the training split, cut to its first ``config.train_size`` samples."""
     x, y = data.train.x, data.train.y
     if config.train_size is None:
@@ -289,7 +291,9 @@ def _training_samples(config: TrainConfig, data) -> tuple[torch.Tensor, torch.Te
     return x[: config.train_size], y[: config.train_size]
 
 
-def _final_metrics(model, splits: dict, diverged: bool) -> dict:
+def final_metrics(model, splits: dict, diverged: bool) -> dict:
+    """Return the final loss and accuracy of each split, ``{split}_loss`` and
+    ``{split}_acc``, NaN for a diverged run."""
     final = {}
     for split, (x, y) in splits.items():
         if diverged:

@@ -47,11 +47,11 @@ from .loop import (
     DIVERGED,
     FINISHED,
     RunResult,
-    _evaluation_row,
-    _final_metrics,
-    _training_samples,
     build_model,
     build_optimizer,
+    evaluation_row,
+    final_metrics,
+    training_samples,
 )
 
 PROBES = ("ics", "landscape", "grad-ratio")
@@ -230,7 +230,7 @@ def _train_probed(config: ProbedConfig, data, device: torch.device) -> RunResult
     order_generator = torch.Generator().manual_seed(config.seed)
     linear_layers = [m for m in model.modules() if isinstance(m, nn.Linear)]
 
-    train_x, train_y = _training_samples(config, data)
+    train_x, train_y = training_samples(config, data)
     train_x, train_y = train_x.to(device), train_y.to(device)
     val_x, val_y = data.val.x.to(device), data.val.y.to(device)
     num_train = len(train_x)
@@ -280,7 +280,7 @@ def _train_probed(config: ProbedConfig, data, device: torch.device) -> RunResult
                 break
 
             if step % config.eval_every == 0 or step == total_steps:
-                row = _evaluation_row(
+                row = evaluation_row(
                     model, step, epoch, step_loss, evaluations, val_x, val_y
                 )
                 evaluations.append(row)
@@ -297,7 +297,7 @@ def _train_probed(config: ProbedConfig, data, device: torch.device) -> RunResult
         "val": (val_x, val_y),
         "test": (data.test.x.to(device), data.test.y.to(device)),
     }
-    final = _final_metrics(model, splits, diverged_step is not None)
+    final = final_metrics(model, splits, diverged_step is not None)
     final["best_val_acc"] = best_val_acc
     return RunResult(
         status=DIVERGED if diverged_step is not None else FINISHED,
