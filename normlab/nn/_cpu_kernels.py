@@ -11,6 +11,8 @@ When the build fails, one warning is logged and :func:`load_extension` returns
 
 import hashlib
 import logging
+import os
+import shutil
 import threading
 from pathlib import Path
 
@@ -64,9 +66,22 @@ def load_extension() -> object | None:
         return ops
 
 
+def _put_ninja_on_path() -> None:
+    # torch's builder runs `ninja` from PATH. The ninja package installs it next to the
+    # venv's python, which is not on PATH when the venv is not activated.
+    if shutil.which("ninja") is not None:
+        return
+    try:
+        import ninja
+    except ImportError:
+        return
+    os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+
+
 def _build() -> object | None:
     from torch.utils import cpp_extension
 
+    _put_ninja_on_path()
     try:
         cpp_extension.load(
             name=_extension_name(),

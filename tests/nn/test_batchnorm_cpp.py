@@ -1,5 +1,7 @@
 """Tests of the C++ kernels on inputs that span several blocks and threads."""
 
+import os
+
 import pytest
 import torch
 
@@ -103,3 +105,13 @@ def test_cpp_supports_only_cpu_float32_float64():
     assert _cpu_kernels.supports(torch.ones(2, 3, dtype=torch.float64))
     assert not _cpu_kernels.supports(torch.ones(2, 3, dtype=torch.float16))
     assert not _cpu_kernels.supports(torch.ones(0, 3))
+
+
+def test_build_finds_ninja_of_the_venv(monkeypatch):
+    # the venv's ninja is used when PATH has none, as when the venv is not activated
+    import ninja
+
+    monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.setattr(_cpu_kernels.shutil, "which", lambda name: None)
+    _cpu_kernels._put_ninja_on_path()
+    assert os.environ["PATH"].split(os.pathsep)[0] == ninja.BIN_DIR
