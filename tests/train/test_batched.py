@@ -209,3 +209,22 @@ def test_sweep_batches_mlp_runs(digits, tmp_path):
             assert stored.status == alone.status
             assert stored.step_loss == alone.step_loss
             assert stored.final == alone.final
+
+
+def test_process_pool_sweep_batches_like_in_process(digits, tmp_path):
+    # groups trained in pool workers store what an in-process sweep stores
+    configs = [
+        TrainConfig(hidden=(16, 16), epochs=1, eval_every=3, lr=lr, seed=seed, train_size=200)
+        for lr in (0.05, 0.2, 1.0)
+        for seed in (0, 1)
+    ]
+    with RunStore(tmp_path / "one.db") as store:
+        expected = sweep.run_sweep(configs, store, digits, progress=False)
+    with sweep.open_executor("process", workers=2, threads=1) as executor, \
+            RunStore(tmp_path / "pool.db") as store:
+        pooled = sweep.run_sweep(configs, store, digits, progress=False, executor=executor)
+    assert set(pooled) == set(expected)
+    for key, record in expected.items():
+        assert pooled[key].status == record.status
+        assert pooled[key].step_loss == record.step_loss
+        assert pooled[key].final == record.final
