@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -215,6 +216,20 @@ def _add_train_parser(commands) -> None:
     _add_output_flags(train)
 
 
+def _result_file_problem(out: Path) -> Optional[str]:
+    """Return why the result file ``out`` cannot be written, or None when it can."""
+    if out.is_dir():
+        return "it is a folder"
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                return f"{parent} is a file, not a folder"
+            if not os.access(parent, os.W_OK):
+                return f"{parent} is not writable"
+            return None
+    return None
+
+
 def _cmd_train(args) -> int:
     import json
     from dataclasses import asdict
@@ -238,6 +253,12 @@ def _cmd_train(args) -> int:
     if not args.progress:
         # The per-evaluation lines of a process started by torchrun.
         logging.getLogger("normlab.train.distributed").setLevel(logging.WARNING)
+    out = Path(args.out)
+    problem = _result_file_problem(out)
+    if problem is not None:
+        print(f"normlab: error: cannot write the result to --out {out}: {problem}; pass "
+              "the path of a JSON file in a writable folder", file=sys.stderr)
+        return EXIT_USAGE
     try:
         config = base_config(args.dataset, args.scale, args.device, **changes)
         result = train_data_parallel(
@@ -257,7 +278,6 @@ def _cmd_train(args) -> int:
 
     report = {"config": config.to_dict(), "nproc": world_size, "threads": args.threads,
               "torch": torch.__version__, **asdict(result)}
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     final = result.final

@@ -12,7 +12,10 @@ import logging
 import multiprocessing
 import os
 import signal
+import socket
 import sys
+import threading
+import time
 import traceback
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, BrokenExecutor, Future, wait
@@ -247,12 +250,27 @@ _WORKER: dict = {}
 def _init_pool_worker(data, threads, slots, next_slot) -> None:
     # the parent handles Ctrl-C and stops the workers, so a worker ignores SIGINT
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _exit_with_parent(os.getppid())
     if threads is not None:
         torch.set_num_threads(threads)
     with next_slot.get_lock():
         slot = next_slot.value
         next_slot.value += 1
     _WORKER.update(data=data, slots=slots, slot=slot if 2 * slot < len(slots) else None)
+
+
+def _exit_with_parent(parent: int, interval: float = 1.0) -> None:
+    """Start a daemon thread that ends this worker once ``parent`` has died.
+
+    A parent killed by SIGKILL cannot stop its pool, and the workers would otherwise sleep
+    on, holding their memory. An orphan's parent process id changes (to 1 or a subreaper).
+    """
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="normlab-parent-watch", daemon=True).start()
 
 
 def _pool_task(unit_id: int, trainer: Callable, configs: list, grouped: bool) -> tuple:
@@ -458,6 +476,27 @@ def _import_ray():
     return ray
 
 
+def _check_ray_address(address: str, timeout: float = 10.0) -> None:
+    """Raise ValueError when nothing listens at a ``HOST:PORT`` Ray address.
+
+    ``ray.init`` retries an unreachable address for minutes with only Ray's own warnings,
+    so a mistyped address is caught here first. ``auto`` and addresses without a port are
+    left to Ray.
+    """
+    host_port = address.split("://", 1)[-1]
+    host, _, port = host_port.rpartition(":")
+    if not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as error:
+        raise ValueError(
+            f"cannot reach a Ray cluster at --address {address}: {error}. Start one with "
+            "`ray start --head` on that host, or drop --address to start a local Ray "
+            "instance"
+        ) from None
+
+
 class RayExecutor:
     """Train units as Ray tasks, each with ``threads`` CPUs and torch threads.
 
@@ -479,6 +518,7 @@ class RayExecutor:
         if not self._owns_ray:
             logger.info("using the Ray instance this process is connected to")
         elif address:
+            _check_ray_address(address)
             ray.init(address=address)
         else:
             ray.init(num_cpus=workers, include_dashboard=False)
@@ -664,13 +704,23 @@ def _handle_outcome(unit: _Unit, outcome: tuple, store: RunStore, queue: deque, 
 
 
 def _fall_back(unit: _Unit, error: str) -> list[_Unit]:
-    """Split a failed group into single runs; each then gets its own attempts."""
-    logger.warning("the group trainer failed on a %s; training its runs one by one: %s",
-                   unit.describe(), _last_line(error))
-    return [
-        _Unit([config], _single_trainer(config), grouped=False, run_ids=[run_id])
-        for config, run_id in zip(unit.configs, unit.run_ids)
-    ]
+    """Split a failed group into smaller units; each then gets its own attempts.
+
+    A group of several configs becomes groups of one for the same group trainer, so a run
+    whose group lost its worker still gets the numbers of the group trainer. A group of
+    one that fails goes to the single-run trainer.
+    """
+    if len(unit.configs) > 1:
+        logger.warning("the group trainer failed on a %s; training its runs as groups of "
+                       "one: %s", unit.describe(), _last_line(error))
+        return [
+            _Unit([config], unit.trainer, grouped=True, run_ids=[run_id])
+            for config, run_id in zip(unit.configs, unit.run_ids)
+        ]
+    logger.warning("the group trainer failed on run %s; training it with the single-run "
+                   "trainer: %s", unit.configs[0].key(), _last_line(error))
+    return [_Unit(list(unit.configs), _single_trainer(unit.configs[0]), grouped=False,
+                  run_ids=list(unit.run_ids))]
 
 
 def _last_line(error: str) -> str:

@@ -175,7 +175,7 @@ def _check_store_settings(store: RunStore, loaded: dict) -> None:
     stored = store.check_meta("torch_threads", threads)
     if stored != threads:
         logger.warning(
-            "%s contains runs made with %s threads and this call uses %s; float results can "
+            "%s contains runs made with %s thread(s) and this call uses %s; float results can "
             "differ in the last digits between the two, use --threads %s to match",
             store.path, stored, threads, stored,
         )

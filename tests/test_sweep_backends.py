@@ -3,8 +3,11 @@ import json
 import os
 import re
 import signal
+import socket
 import sqlite3
+import subprocess
 import sys
+import time
 
 import pytest
 import ray
@@ -255,12 +258,13 @@ def test_failing_group_trains_runs_alone(digits, reference, tmp_path, monkeypatc
     sweep.register_group_trainer("classify", by_lr, failing_group)
     with RunStore(tmp_path / "runs.db") as store:
         records = sweep.run_sweep(tiny_grid(), store, digits, progress=False)
-    assert "training its runs one by one" in caplog.text
+    assert "training its runs as groups of one" in caplog.text
+    assert "training it with the single-run trainer" in caplog.text
     assert "simulated group trainer failure" in caplog.text
     for key, record in records.items():
         assert outcome(record) == reference[key]
-    # the failed group attempt and the single attempt
-    assert set(attempts(tmp_path / "runs.db").values()) == {2}
+    # the failed group of two, the failed group of one and the single-run attempt
+    assert set(attempts(tmp_path / "runs.db").values()) == {3}
 
 
 def test_register_group_trainer_rejects_bad_max_group():
@@ -329,3 +333,57 @@ def test_cli_rejects_address_without_ray(tmp_path, capsys):
     argv = ["verify", "--out", str(tmp_path), "--address", "ray://head:10001"]
     assert cli.main(argv) == 2
     assert "--address applies to --backend ray only" in capsys.readouterr().err
+
+
+ORPHAN_SCRIPT = """
+import os, sys, time
+from normlab import sweep
+from normlab.train import TrainConfig
+
+def sleep_then_fail(config, data):
+    print(os.getpid(), flush=True)
+    time.sleep(120)
+    raise RuntimeError("the test should have ended this worker")
+
+executor = sweep.open_executor("process", workers=2, threads=1)
+for seed in range(2):
+    unit = sweep._Unit([TrainConfig(seed=seed)], sleep_then_fail, grouped=False)
+    executor.submit(unit, data=None)
+time.sleep(120)
+"""
+
+
+def test_pool_workers_exit_when_parent_is_killed(tmp_path):
+    script = tmp_path / "orphan.py"
+    script.write_text(ORPHAN_SCRIPT)
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        workers = [int(parent.stdout.readline()) for _ in range(2)]
+    finally:
+        parent.kill()
+        parent.wait()
+    deadline = time.monotonic() + 20
+    alive = workers
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.2)
+        alive = [pid for pid in workers if _is_running(pid)]
+    assert alive == []
+
+
+def _is_running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_ray_address_that_nobody_listens_on():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    # the port is closed again, so connecting is refused at once
+    with pytest.raises(ValueError, match=f"cannot reach a Ray cluster at --address "
+                                         f"127.0.0.1:{port}.*ray start --head"):
+        sweep._check_ray_address(f"127.0.0.1:{port}", timeout=5)

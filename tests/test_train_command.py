@@ -87,3 +87,13 @@ def test_nproc_must_match_torchrun(monkeypatch, tmp_path, capsys):
         monkeypatch.setenv(name, value)
     assert cli.main(["train", "--nproc", "3", "--out", str(tmp_path / "r.json")]) == 2
     assert "nproc 3 differs from torchrun's WORLD_SIZE 2" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("where", ["folder", "under-file"])
+def test_train_rejects_bad_out_before_training(where, tmp_path, capsys):
+    (tmp_path / "afile").touch()
+    out = tmp_path if where == "folder" else tmp_path / "afile" / "result.json"
+    assert cli.main(["train", "--epochs", "1", "--out", str(out)]) == 2
+    error = capsys.readouterr().err
+    assert f"cannot write the result to --out {out}" in error
+    assert "loaded digits" not in error

@@ -3,12 +3,14 @@
 The extension is built on first use with :func:`torch.utils.cpp_extension.load` into
 torch's extension cache (``$TORCH_EXTENSIONS_DIR``, by default
 ``~/.cache/torch_extensions``), so the build is paid once per machine and source
-version. torch's builder holds a file lock in the build folder, so processes that
-start the build at once (pytest-xdist workers) build it once and the others wait.
+version. Processes hold an ``flock`` on the build folder while they build or load, so
+processes that start at once (pytest-xdist workers) build it once and the others wait,
+and a process killed meanwhile blocks no other.
 When the build fails, one warning is logged and :func:`load_extension` returns
 ``None`` for the rest of the process, so callers fall back to the reference path.
 """
 
+import fcntl
 import hashlib
 import logging
 import os
@@ -19,14 +21,16 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ._autograd import first_order_only
+
 logger = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).resolve().parent / "csrc" / "batchnorm_cpu.cpp"
 # -mavx2 -mfma target the AVX2 machines this project runs on, without tying the
 # binary to the build machine as -march=native would. _cpu_supports_avx2 guards
 # the load. -ffp-contract=off keeps the roundings the source states.
-_CFLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-ffp-contract=off"]
-_LDFLAGS = ["-fopenmp"]
+_CFLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-ffp-contract=off")
+_LDFLAGS = ("-fopenmp",)
 _SUPPORTED_DTYPES = (torch.float32, torch.float64)
 
 _lock = threading.Lock()
@@ -36,7 +40,7 @@ _extension_state: dict[str, object] = {}
 def _extension_name() -> str:
     # The digest keeps builds of different sources or flags in separate folders.
     digest = hashlib.sha256(_SOURCE.read_bytes())
-    digest.update(" ".join(_CFLAGS + _LDFLAGS + [torch.__version__]).encode())
+    digest.update(" ".join(_CFLAGS + _LDFLAGS + (torch.__version__,)).encode())
     return f"normlab_batchnorm_cpu_{digest.hexdigest()[:12]}"
 
 
@@ -78,19 +82,46 @@ def _put_ninja_on_path() -> None:
     os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
 
 
+def _build_directory(name: str) -> Path:
+    from torch.utils import cpp_extension
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
+    return Path(root) / name
+
+
 def _build() -> object | None:
     from torch.utils import cpp_extension
 
     _put_ninja_on_path()
+    name = _extension_name()
     try:
-        cpp_extension.load(
-            name=_extension_name(),
-            sources=[str(_SOURCE)],
-            extra_cflags=_CFLAGS,
-            extra_ldflags=_LDFLAGS,
-            is_python_module=False,
-            verbose=False,
-        )
+        build_directory = _build_directory(name)
+        build_directory.mkdir(parents=True, exist_ok=True)
+        library = build_directory / f"{name}.so"
+        # flock is released by the kernel when its holder dies, unlike the lock file of
+        # torch's builder, which a process killed while loading leaves behind and on which
+        # every later process then waits forever.
+        with open(build_directory / "normlab.flock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if library.is_file():
+                try:
+                    torch.ops.load_library(str(library))
+                    return torch.ops.normlab_bn
+                except (OSError, RuntimeError) as error:
+                    logger.info("rebuilding normlab's C++ batch_norm kernels: %s", error)
+            # Every normlab process takes the flock before torch's builder runs, so a
+            # lock file of torch's found here was left by a killed process.
+            (build_directory / "lock").unlink(missing_ok=True)
+            cpp_extension.load(
+                name=name,
+                sources=[str(_SOURCE)],
+                # copies, because torch's builder appends to the lists it is given
+                extra_cflags=list(_CFLAGS),
+                extra_ldflags=list(_LDFLAGS),
+                build_directory=str(build_directory),
+                is_python_module=False,
+                verbose=False,
+            )
     except (OSError, RuntimeError, ImportError, ValueError) as error:
         logger.warning(
             "building normlab's C++ batch_norm kernels failed, so the reference path "
@@ -153,7 +184,7 @@ class CppBatchNormFunction(torch.autograd.Function):
         return output
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order_only
     def backward(ctx, grad_output: Tensor):
         input, weight, mean_hi, mean_lo, invstd = ctx.saved_tensors
         needs_input, needs_weight, needs_bias = ctx.needs_input_grad[1:4]

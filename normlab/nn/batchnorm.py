@@ -23,9 +23,9 @@ import torch
 from torch import Tensor, nn
 from torch import distributed as dist
 from torch.autograd import forward_ad
-from torch.autograd.function import once_differentiable
 
 from . import _cpu_kernels
+from ._autograd import first_order_only
 
 __all__ = [
     "BACKENDS",
@@ -294,7 +294,7 @@ class _BatchNormFunction(torch.autograd.Function):
         return output.to(input.dtype)
 
     @staticmethod
-    @once_differentiable
+    @first_order_only
     def backward(ctx, grad_output: Tensor):
         # In training, saved is the roughly centered input and x - mean = saved -
         # offset. In eval, saved is the input and offset is the running mean.
@@ -597,7 +597,7 @@ class _TritonBatchNormFunction(torch.autograd.Function):
         return output
 
     @staticmethod
-    @once_differentiable
+    @first_order_only
     def backward(ctx, grad_output):
         from . import triton_batchnorm
 

@@ -29,14 +29,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 from torch import distributed as dist
-from torch.autograd.function import once_differentiable
 
+from ._autograd import first_order_only
 from .batchnorm import (
     BatchNorm1d,
     BatchNorm2d,
     BatchNorm3d,
-    _BatchNorm,
     _batch_statistics,
+    _BatchNorm,
     _check_input,
     _compute_dtype,
     _params_in_input_dtype,
@@ -177,7 +177,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         return output.to(input.dtype)
 
     @staticmethod
-    @once_differentiable
+    @first_order_only
     def backward(ctx, grad_output: Tensor):
         centered, weight, offset, invstd = ctx.saved_tensors
         needs_input_grad, needs_weight_grad, needs_bias_grad = ctx.needs_input_grad[:3]

@@ -43,6 +43,9 @@ def verdict_table(verdicts: Sequence) -> str:
 
 def write_json(verdicts: Sequence, path: Path) -> Path:
     data = [_finite(v.to_json()) for v in verdicts]
+    for entry in data:
+        # file names: the plots lie next to verdicts.json, wherever the folder moves
+        entry["plots"] = [Path(plot).name for plot in entry.get("plots", [])]
     return _atomic_write(path, json.dumps(data, indent=2) + "\n")
 
 

@@ -1,6 +1,9 @@
 """Tests of the C++ kernels on inputs that span several blocks and threads."""
 
 import os
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -115,3 +118,21 @@ def test_build_finds_ninja_of_the_venv(monkeypatch):
     monkeypatch.setattr(_cpu_kernels.shutil, "which", lambda name: None)
     _cpu_kernels._put_ninja_on_path()
     assert os.environ["PATH"].split(os.pathsep)[0] == ninja.BIN_DIR
+
+
+def test_stale_lock_of_killed_process_blocks_nothing(tmp_path):
+    # a process killed while loading leaves torch's lock file; the next process must load
+    built = _cpu_kernels._build_directory(_cpu_kernels._extension_name())
+    assert _cpu_kernels.load_extension() is not None
+    name = _cpu_kernels._extension_name()
+    copy = tmp_path / name
+    copy.mkdir()
+    shutil.copy(built / f"{name}.so", copy / f"{name}.so")
+    (copy / "lock").touch()
+    script = "from normlab.nn import _cpu_kernels; print(_cpu_kernels.load_extension())"
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=dict(os.environ, TORCH_EXTENSIONS_DIR=str(tmp_path)),
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "normlab_bn" in done.stdout
