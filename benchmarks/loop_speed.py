@@ -8,9 +8,9 @@ pass per epoch. normlab's loop does the same work and adds what the lab needs: t
 every step read back for the divergence check, the history rows and the final train, val
 and test metrics. ``eval_every`` is set to one epoch so both evaluate equally often.
 
-The two loops alternate, so a load that comes and goes hits both alike, and the script
-prints the median time of each and the ratio bare / normlab (1.0 means no overhead; above
-0.95 is the target). Usage::
+The two loops alternate, so a load that comes and goes hits both alike. The script prints
+the median time of each and the ratio bare / normlab: 1.0 means no overhead, and the
+target is at least 0.95. Usage::
 
     OMP_NUM_THREADS=1 python benchmarks/loop_speed.py                 # digits
     OMP_NUM_THREADS=1 python benchmarks/loop_speed.py --dataset mnist --data-dir DIR

@@ -5,8 +5,8 @@ claim took in that call from the debug log, and prints one row per claim and the
 wall time. Claims that share runs with an earlier claim take less, as in any real call.
 
 To compare two versions of normlab on the same machine in one go, pass the source tree of
-the other version with ``--baseline``; each version runs in turn, and the table gets a
-column per version and their ratio::
+the other version with ``--baseline``. Each version then runs in turn, and the table gets
+a column per version and their ratio::
 
     git worktree add /tmp/normlab-old <commit>
     OMP_NUM_THREADS=1 python benchmarks/verify_time.py --baseline /tmp/normlab-old

@@ -708,7 +708,7 @@ def _fall_back(unit: _Unit, error: str) -> list[_Unit]:
 
     A group of several configs becomes groups of one for the same group trainer, so a run
     whose group lost its worker still gets the numbers of the group trainer. A group of
-    one that fails goes to the single-run trainer.
+    one that fails is trained by the single-run trainer.
     """
     if len(unit.configs) > 1:
         logger.warning("the group trainer failed on a %s; training its runs as groups of "

@@ -15,10 +15,12 @@ SECOND_BACKWARD_HINT = (
 
 
 def first_order_only(backward):
-    """Wrap an ``autograd.Function.backward`` like ``once_differentiable``, but raise at
-    once with :data:`SECOND_BACKWARD_HINT` when the backward runs with
-    ``create_graph=True``, where torch's error would only say that a second
-    differentiation is impossible."""
+    """Wrap an ``autograd.Function.backward`` like ``once_differentiable``.
+
+    The wrapper raises ``RuntimeError`` with :data:`SECOND_BACKWARD_HINT` as soon as the
+    backward runs with ``create_graph=True``. torch's own error comes only at the second
+    backward and does not name the composite path.
+    """
     once = once_differentiable(backward)
 
     @functools.wraps(backward)

@@ -1,11 +1,11 @@
 r"""Batch Normalization with statistics taken over every process of a process group.
 
-In data-parallel training each process receives a slice of the global batch. With
-``process_group`` set (or left ``None`` for the default group), a normlab
-``BatchNorm1d/2d/3d`` in training mode normalizes with the mean and variance of the
-global batch, as :class:`torch.nn.SyncBatchNorm` does, but on any ``torch.distributed``
-backend that has ``all_gather`` and ``all_reduce``: gloo with CPU tensors and NCCL with
-CUDA tensors. :func:`convert_sync` sets the group on every BatchNorm layer of a model.
+In data-parallel training each process receives a slice of the global batch. A normlab
+``BatchNorm1d/2d/3d`` in training mode, with ``process_group`` set or left ``None`` for
+the default group, normalizes with the mean and variance of the global batch, as
+:class:`torch.nn.SyncBatchNorm` does. Unlike torch's layer it runs on any
+``torch.distributed`` backend that has ``all_gather`` and ``all_reduce``, so gloo with CPU
+tensors works as well as NCCL with CUDA tensors. :func:`convert_sync` sets the group on every BatchNorm layer of a model.
 
 Each process computes per-channel ``(count, mean, M2)`` of its own slice with the
 corrected two-pass algorithm of :func:`normlab.nn.batchnorm._batch_statistics`, where

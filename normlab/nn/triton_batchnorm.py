@@ -315,7 +315,7 @@ _INTERPRET = type(_normalize_kernel).__name__ == "InterpretedFunction"
 
 
 class _Geometry:
-    """The (N, C, S) view of an input, its strides and the tile sizes for it."""
+    """Shape of an input seen as (N, C, S), with its strides and tile sizes."""
 
     def __init__(
         self, input: Tensor, channels_last: bool, reduce_programs: int

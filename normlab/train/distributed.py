@@ -11,8 +11,8 @@ within the rounding of the cross-process sums:
   ``config.seed``, and process ``r`` takes the ``r``-th of ``N`` contiguous slices of
   each global batch of ``config.batch_size`` samples;
 - each process's loss is its sum of per-sample losses times ``N / B`` for a global batch
-  of ``B`` samples, so the gradient average of DistributedDataParallel is the gradient of
-  the global mean loss, also for a smaller last batch that splits unevenly;
+  of ``B`` samples. The gradient average of DistributedDataParallel is then the gradient
+  of the global mean loss, also for a smaller last batch that splits unevenly;
 - the step loss is the all-reduced sum divided by ``B``, so every process takes the same
   divergence decision.
 

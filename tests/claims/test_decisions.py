@@ -204,7 +204,7 @@ def test_faster_convergence_unresolved_at_first_evaluation():
     assert "first evaluation (step 10)" in verdict.summary
 
 
-def test_accuracy_table_counts_diverged_and_nan_runs_as_chance():
+def test_accuracy_table_failed_runs_at_chance():
     runs = [record("batchnorm", 0.1, 0, 0.9), record("none", 0.1, 0, 0.5, "diverged"),
             record("none", 1.0, 1, math.nan)]
     table = accuracy_table(runs, chance=0.1, fields=("norm", "lr"))

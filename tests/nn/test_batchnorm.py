@@ -19,9 +19,9 @@ from normlab.nn.batchnorm import (
     batch_norm_backend,
 )
 
-# Every path must conform: the pure-PyTorch reference, the C++ kernels (float32 and
-# float64 input; other dtypes take the reference path under "cpp" too) and the
-# composite path of differentiable torch operations.
+# Every path must conform: the pure-PyTorch reference, the C++ kernels and the composite
+# path of differentiable torch operations. The C++ kernels take float32 and float64 input,
+# so other dtypes run the reference path under "cpp" too.
 PATHS = ["reference", "cpp", "composite"]
 
 TORCH_CLASSES = {

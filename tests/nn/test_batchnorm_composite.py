@@ -39,7 +39,7 @@ def make_modules(cls, num_features, seed=0):
 def batched_input(shape, seed=1):
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn((NUM_MODELS,) + shape, generator=generator)
-    # Each model sees another offset, so mixing up runs would show.
+    # Each model gets another offset, so a mix-up between runs fails the comparison.
     offsets = torch.arange(NUM_MODELS, dtype=torch.float32) * 3
     return x + offsets.view((NUM_MODELS,) + (1,) * len(shape))
 
